@@ -1,0 +1,198 @@
+"""The Workspace resource (group kaito.sh), as users write it: v1alpha1 and v1beta1.
+
+Like Kaito there is no ``spec:`` wrapper: ``resource``, ``inference``, ``tuning`` and ``status``
+sit at the top level. These dataclasses are the single source of truth: the CRD in ``crds/``
+is generated from them (``kaito-tuning crd``) and the parser below is driven by them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Problem, ValidationError
+from .schema import from_json, openapi_schema, spec, to_json
+
+GROUP = "kaito.sh"
+VERSIONS = ("v1alpha1", "v1beta1")
+STORAGE_VERSION = "v1beta1"
+KIND = "Workspace"
+PLURAL = "workspaces"
+V1ALPHA1_DEFAULT_INSTANCE_TYPE = "Standard_NC24ads_A100_v4"
+MAX_ADAPTERS = 10
+
+
+@dataclass
+class LabelSelectorRequirement:
+    key: str = spec("The label key the selector applies to.", required=True)
+    operator: str = spec("How the key relates to the values: In, NotIn, Exists or DoesNotExist.",
+                         required=True, enum=["In", "NotIn", "Exists", "DoesNotExist"])
+    values: list[str] = spec("Label values; non-empty for In and NotIn, empty for Exists and DoesNotExist.",
+                             default=[])
+
+
+@dataclass
+class LabelSelector:
+    match_labels: dict[str, str] = spec(
+        "Labels the GPU nodes must carry. The tuning pod is pinned to nodes with all of them; "
+        "auto-provisioned nodes are created with them.", default={})
+    match_expressions: list[LabelSelectorRequirement] = spec(
+        "Further node label requirements (ANDed with matchLabels).", default=[])
+
+
+@dataclass
+class ResourceSpec:
+    instance_type: str | None = spec(
+        "GPU instance type the workload runs on, e.g. Standard_NC24ads_A100_v4 or g5.xlarge. "
+        "Decides the GPU count requested and is checked against the preset's GPU memory need.")
+    count: int = spec("Number of nodes. Tuning runs on exactly one.", default=1, schema_default=1, minimum=0)
+    label_selector: LabelSelector | None = spec(
+        "Selects the GPU nodes the workload may run on (bring-your-own nodes), and labels auto-provisioned ones.",
+        required=True)
+    preferred_nodes: list[str] = spec("Existing nodes to prefer when provisioning (deprecated in v1beta1).",
+                                      default=[])
+
+
+@dataclass
+class PresetSpec:
+    name: str = spec("Preset model name, e.g. phi-3-mini-128k-instruct (or its Hugging Face id). "
+                     "`kaito-tuning presets` lists them.", required=True)
+    access_mode: str | None = spec("public or private (kept for Kaito compatibility; weights come from the preset's source).",
+                                   enum=["public", "private"])
+    preset_options: dict | None = spec(
+        "Kaito's presetOptions (image, imagePullSecrets, modelAccessSecret): modelAccessSecret names a "
+        "secret with key HF_TOKEN for gated models; the others are accepted and ignored.", schemaless=True)
+
+
+@dataclass
+class DataSource:
+    name: str | None = spec("A name for this data source (used in volume names; immutable).")
+    urls: list[str] = spec("http(s) URLs of dataset files (parquet, JSON lines, JSON or CSV). Every file is used.",
+                           default=[])
+    image: str | None = spec("An image whose /data directory holds the dataset (or, for adapters, the adapter).")
+    image_pull_secrets: list[str] = spec(
+        "Names of kubernetes.io/dockerconfigjson secrets to pull `image` with.", default=[])
+    volume_source: dict | None = spec(
+        "A Kubernetes VolumeSource holding the data, mounted read-only at /mnt/data.", schemaless=True)
+
+
+@dataclass
+class DataDestination:
+    image: str | None = spec("Image reference (registry/repository:tag) the adapter is pushed to.")
+    image_push_secret: str | None = spec(
+        "Name of a kubernetes.io/dockerconfigjson secret with push rights to `image`'s registry.")
+    volume_source: dict | None = spec(
+        "A Kubernetes VolumeSource the adapter (and checkpoints) are written to.", schemaless=True)
+
+
+_INPUT_CEL = [{"rule": "[has(self.urls) && size(self.urls) > 0, has(self.image), has(self.volumeSource)]"
+                       ".filter(x, x).size() == 1",
+               "message": "exactly one of urls, image or volumeSource must be set"}]
+_OUTPUT_CEL = [
+    {"rule": "has(self.image) != has(self.volumeSource)", "message": "exactly one of image or volumeSource must be set"},
+    {"rule": "!has(self.image) || has(self.imagePushSecret)", "message": "imagePushSecret is required with image"},
+    {"rule": "!has(self.imagePushSecret) || has(self.image)", "message": "imagePushSecret is only used with image"},
+]
+
+
+@dataclass
+class TuningSpec:
+    preset: PresetSpec | None = spec("The base model to tune.", required=True)
+    method: str | None = spec("lora (bf16 base) or qlora (4-bit base). Case-insensitive.", required=True)
+    config: str | None = spec(
+        "Name of a ConfigMap in the workspace's namespace with key training_config.yaml "
+        "(sections ModelConfig, QuantizationConfig, LoraConfig, TrainingArguments, DataCollator, DatasetConfig). "
+        "Empty: the method's default.")
+    input: DataSource | None = spec("Where the training data comes from.", required=True, cel=_INPUT_CEL)
+    output: DataDestination | None = spec("Where the trained adapter goes.", required=True, cel=_OUTPUT_CEL)
+
+
+@dataclass
+class AdapterSpec:
+    source: DataSource | None = spec("The adapter: name (a DNS label, unique) and image (+imagePullSecrets) or volumeSource.",
+                                     required=True)
+    strength: str | None = spec('Weight of this adapter, "0.0" to "1.0" (default "1.0").')
+
+
+@dataclass
+class InferenceSpec:
+    preset: PresetSpec | None = spec("The base model to serve.")
+    adapters: list[AdapterSpec] = spec("LoRA adapters to attach (at most 10).", default=[], max_items=MAX_ADAPTERS)
+    config: str | None = spec("Name of a ConfigMap with inference parameters.")
+
+
+@dataclass
+class Workspace:
+    api_version: str | None = spec("kaito.sh/v1alpha1 or kaito.sh/v1beta1.")
+    kind: str | None = spec("Workspace.")
+    resource: ResourceSpec | None = spec("The GPU nodes the workspace runs on.")
+    inference: InferenceSpec | None = spec("Serve a preset model, optionally with adapters. Exclusive with tuning.")
+    tuning: TuningSpec | None = spec("Fine-tune a preset model with LoRA or QLoRA. Exclusive with inference.")
+    status: dict | None = spec("Observed state, written by the operator.", schemaless=True)
+    metadata: dict | None = spec("Standard object metadata.", schemaless=True)
+
+    @property
+    def name(self) -> str:
+        return (self.metadata or {}).get("name") or ""
+
+    @property
+    def namespace(self) -> str:
+        return (self.metadata or {}).get("namespace") or "default"
+
+    @property
+    def version(self) -> str:
+        return (self.api_version or "").partition("/")[2]
+
+    def to_dict(self) -> dict:
+        return to_json(self)
+
+
+_ROOT_CEL = [
+    {"rule": "has(self.tuning) != has(self.inference)",
+     "message": "exactly one of tuning or inference must be set"},
+]
+
+
+def crd_schema(version: str) -> dict:
+    """openAPIV3Schema for one served version."""
+    overrides = {}
+    if version == "v1alpha1":
+        overrides["resource.instanceType"] = {"default": V1ALPHA1_DEFAULT_INSTANCE_TYPE}
+    s = openapi_schema(Workspace, overrides)
+    s["properties"]["metadata"] = {"type": "object"}
+    s["properties"]["status"] = {"description": s["properties"]["status"]["description"],
+                                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}
+    s["required"] = ["resource"]
+    s["x-kubernetes-validations"] = _ROOT_CEL
+    s["description"] = ("Workspace: GPU nodes plus either an inference service or a tuning run "
+                        "(kaito.sh; fields at the top level, no spec wrapper).")
+    return s
+
+
+def parse_workspace(obj: dict, path: str = "") -> tuple[Workspace, list[Problem]]:
+    """Parse a Workspace mapping; apply defaults. Returns the object and the structural problems."""
+    problems: list[Problem] = []
+    ws = from_json(Workspace, obj, path, problems)
+    apply_defaults(ws)
+    return ws, problems
+
+
+def apply_defaults(ws: Workspace) -> None:
+    if ws.resource and ws.version == "v1alpha1" and not ws.resource.instance_type:
+        ws.resource.instance_type = V1ALPHA1_DEFAULT_INSTANCE_TYPE
+    if ws.tuning and ws.tuning.method:
+        ws.tuning.method = ws.tuning.method.strip().lower()
+    if ws.inference:
+        for a in ws.inference.adapters:
+            if a.strength is None:
+                a.strength = "1.0"
+
+
+def load_workspace(obj: dict) -> Workspace:
+    """Parse and fully validate (structure and semantics); raise ValidationError listing every problem."""
+    from .validation import validate_workspace
+
+    ws, problems = parse_workspace(obj)
+    problems += validate_workspace(ws)
+    if problems:
+        raise ValidationError(problems)
+    return ws

@@ -1,0 +1,105 @@
+"""Preset models: one YAML per model in ``presets/``, loaded into typed ``Preset`` objects.
+
+A preset is data, not code (torchtune's per-model configs): where the weights come from, which
+methods it can be tuned with, which modules LoRA targets, and how much GPU memory that takes.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("lora", "qlora")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    repo: str
+    revision: str
+    architecture: str
+    model_type: str
+    parameters_b: float
+    context_length: int
+    methods: tuple[str, ...]
+    target_modules: tuple[str, ...]
+    gpu_memory_gib: dict[str, float]
+    chat_template: str = "tokenizer"
+    license: str = ""
+    gating: str = ""
+    offline: dict = field(default_factory=dict)
+
+    def supports(self, method: str) -> bool:
+        return method in self.methods
+
+    @property
+    def source(self) -> str:
+        """``repo@revision``: what ``base_model_name_or_path`` and annotations name."""
+        return self.repo
+
+
+def presets_dir() -> Path:
+    env = os.environ.get("KAITO_PRESETS_DIR")
+    if env:
+        return Path(env)
+    for candidate in (Path(__file__).parent / "data" / "presets", Path(__file__).parent.parent / "presets"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("no presets directory: set KAITO_PRESETS_DIR")
+
+
+def _parse(path: Path) -> Preset:
+    d = yaml.safe_load(path.read_text())
+    src, tuning = d["source"], d.get("tuning") or {}
+    return Preset(
+        name=d["name"],
+        repo=src["repo"],
+        revision=str(src.get("revision", "main")),
+        architecture=d["architecture"],
+        model_type=d["model_type"],
+        parameters_b=float(d["parameters_b"]),
+        context_length=int(d["context_length"]),
+        methods=tuple(tuning.get("methods") or ()),
+        target_modules=tuple(tuning.get("target_modules") or ()),
+        gpu_memory_gib={k: float(v) for k, v in (tuning.get("gpu_memory_gib") or {}).items()},
+        chat_template=d.get("chat_template", "tokenizer"),
+        license=d.get("license", ""),
+        gating=d.get("gating", ""),
+        offline=src.get("offline") or {},
+    )
+
+
+@functools.cache
+def all_presets() -> dict[str, Preset]:
+    presets = {}
+    for path in sorted(presets_dir().glob("*.yaml")):
+        p = _parse(path)
+        if p.name != path.stem:
+            raise ValueError(f"{path}: name {p.name!r} does not match the file name")
+        presets[p.name] = p
+    return presets
+
+
+class UnknownPreset(LookupError):
+    pass
+
+
+def get_preset(name: str) -> Preset:
+    """A preset by its short name or by its Hugging Face repo id (case-insensitive)."""
+    presets = all_presets()
+    key = name.strip().lower()
+    for p in presets.values():
+        if key in (p.name, p.repo.lower()):
+            return p
+    close = difflib.get_close_matches(key, list(presets), n=3, cutoff=0.5)
+    tunable = sorted(n for n, p in presets.items() if p.methods)
+    hint = f"did you mean {', '.join(close)}?" if close else f"tunable presets: {', '.join(tunable)}"
+    raise UnknownPreset(f"unknown preset {name!r}; {hint}")
+
+
+DEFAULT_PRESET = "smollm2-135m-instruct"

@@ -1,0 +1,217 @@
+"""A small dataclass-to-OpenAPI bridge: the one source of truth for the Workspace schema.
+
+API types are plain dataclasses whose fields carry their JSON name and description (``spec``
+below). From them we derive both
+
+* the CRD's ``openAPIV3Schema`` (``openapi_schema``), written to ``crds/`` by
+  ``kaito-tuning crd`` and checked by a test to be exactly what is generated, and
+* the parser (``from_json``) that turns a user's YAML into typed objects and reports every
+  structural problem with its field path (unknown fields, wrong types, missing required fields).
+
+So the CRD, ``kubectl explain`` and the Python model cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any
+
+from .errors import Problem
+
+_SCHEMALESS = "x-kubernetes-preserve-unknown-fields"
+
+
+def spec(doc: str, *, json: str | None = None, default: Any = dataclasses.MISSING, required: bool = False,
+         enum: list | None = None, minimum: float | None = None, maximum: float | None = None,
+         max_items: int | None = None, max_length: int | None = None, pattern: str | None = None,
+         schemaless: bool = False, schema_default: Any = None, cel: list[dict] | None = None) -> Any:
+    """A dataclass field with its API description.
+
+    ``default`` is the Python default (None for optional fields); ``schema_default`` is a default
+    the API server applies (written into the CRD).
+    """
+    meta = {"doc": doc, "json": json, "required": required, "enum": enum, "minimum": minimum,
+            "maximum": maximum, "max_items": max_items, "max_length": max_length, "pattern": pattern,
+            "schemaless": schemaless, "schema_default": schema_default, "cel": cel}
+    if default is dataclasses.MISSING:
+        default = None
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def json_name(f: dataclasses.Field) -> str:
+    return f.metadata.get("json") or _camel(f.name)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+# ---------------------------------------------------------------- schema generation
+
+def openapi_schema(cls: type, overrides: dict | None = None) -> dict:
+    """The OpenAPI v3 schema of dataclass ``cls`` as apiextensions.k8s.io/v1 accepts it.
+
+    ``overrides`` maps dotted JSON paths (``resource.instanceType``) to extra schema keys, for the
+    few places where API versions differ (v1alpha1 defaults ``instanceType``).
+    """
+    return _object_schema(cls, "", overrides or {})
+
+
+def _object_schema(cls: type, prefix: str, overrides: dict) -> dict:
+    hints = typing.get_type_hints(cls)
+    props, required = {}, []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        name = json_name(f)
+        path = f"{prefix}.{name}" if prefix else name
+        s = _type_schema(hints[f.name], f.metadata, path, overrides)
+        s = {"description": f.metadata["doc"], **s}
+        m = f.metadata
+        for key, out in (("enum", "enum"), ("minimum", "minimum"), ("maximum", "maximum"),
+                         ("max_items", "maxItems"), ("max_length", "maxLength"), ("pattern", "pattern")):
+            if m.get(key) is not None:
+                s[out] = m[key]
+        if m.get("schema_default") is not None:
+            s["default"] = m["schema_default"]
+        if m.get("cel"):
+            s["x-kubernetes-validations"] = m["cel"]
+        s.update(overrides.get(path, {}))
+        props[name] = s
+        if m.get("required"):
+            required.append(name)
+    out: dict = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    cel = getattr(cls, "__cel__", None)
+    if cel:
+        out["x-kubernetes-validations"] = cel
+    return out
+
+
+def _type_schema(tp: Any, meta: dict, path: str, overrides: dict) -> dict:
+    tp = _unwrap_optional(tp)
+    if meta.get("schemaless"):
+        return {"type": "object", _SCHEMALESS: True}
+    if dataclasses.is_dataclass(tp):
+        return _object_schema(tp, path, overrides)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return {"type": "array", "items": _type_schema(item, {}, path + "[]", overrides)}
+    if origin is dict:
+        _, value = typing.get_args(tp)
+        return {"type": "object", "additionalProperties": _type_schema(value, {}, path + "{}", overrides)}
+    return {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
+            bool: {"type": "boolean"}}[tp]
+
+
+# ---------------------------------------------------------------- parsing
+
+def from_json(cls: type, obj: Any, path: str, problems: list[Problem]) -> Any:
+    """Build ``cls`` from JSON-like ``obj``; append a Problem for everything that does not fit.
+
+    Always returns an instance (fields that could not be read are left at their defaults), so
+    semantic validation can go on and report all problems at once.
+    """
+    if not isinstance(obj, dict):
+        problems.append(Problem(path, f"must be a mapping, got {_kind(obj)}"))
+        obj = {}
+    hints = typing.get_type_hints(cls)
+    by_json = {json_name(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in obj.items():
+        sub = f"{path}.{key}" if path else str(key)
+        f = by_json.get(key)
+        if f is None:
+            close = [k for k in by_json if k.lower() == str(key).lower()]
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known fields: {', '.join(sorted(by_json))}"
+            problems.append(Problem(sub, f"unknown field{hint}"))
+            continue
+        if value is None:
+            continue
+        kwargs[f.name] = _value(hints[f.name], f.metadata, value, sub, problems)
+    for name, f in by_json.items():
+        if f.metadata.get("required") and f.name not in kwargs:
+            sub = f"{path}.{name}" if path else name
+            problems.append(Problem(sub, "is required"))
+    kwargs = {k: v for k, v in kwargs.items() if v is not _BAD}
+    return cls(**kwargs)
+
+
+_BAD = object()
+
+
+def _kind(v: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number", type(None): "nothing"}.get(type(v), type(v).__name__)
+
+
+def _value(tp: Any, meta: dict, value: Any, path: str, problems: list[Problem]) -> Any:
+    tp = _unwrap_optional(tp)
+    if meta.get("schemaless"):
+        if not isinstance(value, dict):
+            problems.append(Problem(path, f"must be a mapping, got {_kind(value)}"))
+            return _BAD
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_json(tp, value, path, problems)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(Problem(path, f"must be a list, got {_kind(value)}"))
+            return _BAD
+        (item,) = typing.get_args(tp)
+        out = [_value(item, {}, v, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+        return [v for v in out if v is not _BAD]
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(Problem(path, f"must be a mapping, got {_kind(value)}"))
+            return _BAD
+        _, vt = typing.get_args(tp)
+        out = {str(k): _value(vt, {}, v, f"{path}.{k}", problems) for k, v in value.items()}
+        return {k: v for k, v in out.items() if v is not _BAD}
+    ok = {str: isinstance(value, str),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          bool: isinstance(value, bool)}[tp]
+    if not ok:
+        want = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
+        problems.append(Problem(path, f"must be {want}, got {_kind(value)} {value!r}"))
+        return _BAD
+    if meta.get("enum") and value not in meta["enum"]:
+        problems.append(Problem(path, f"must be one of {', '.join(map(str, meta['enum']))}, got {value!r}"))
+        return _BAD
+    return value
+
+
+def to_json(obj: Any) -> Any:
+    """The JSON form of an API dataclass (None fields and empty collections dropped)."""
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("internal"):
+                continue
+            v = to_json(getattr(obj, f.name))
+            if v is None or v == [] or v == {}:
+                continue
+            out[json_name(f)] = v
+        return out
+    if isinstance(obj, list):
+        return [to_json(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_json(v) for k, v in obj.items()}
+    return obj
