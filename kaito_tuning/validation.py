@@ -173,8 +173,6 @@ def url_problem(url: str, *, allow_private: bool = True) -> str | None:
     """Why ``url`` cannot be a dataset URL, or None."""
     if not isinstance(url, str) or not url.strip():
         return "is empty"
-    if any(c.isspace() for c in url):
-        return f"{url!r} contains white space; percent-encode it (%20)"
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -184,6 +182,8 @@ def url_problem(url: str, *, allow_private: bool = True) -> str | None:
         if not parts.scheme:
             return f"{url!r} is not a URL: write it as https://host/path"
         return f"{url!r} uses {parts.scheme!r}; only http and https URLs are supported"
+    if any(c.isspace() for c in url):
+        return f"{url!r} contains white space; percent-encode it (%20)"
     if not parts.hostname:
         return f"{url!r} has no host"
     if parts.username is not None or parts.password is not None:

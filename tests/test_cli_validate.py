@@ -1,0 +1,75 @@
+"""`kaito-tuning validate`: exit 0 valid, 1 with `FILE: field.path: message` lines, 2 unreadable."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted(str(p) for p in (ROOT / "examples").rglob("*.yaml"))
+
+
+def validate(*files, input=None):
+    r = subprocess.run([sys.executable, "-m", "kaito_tuning.cli", "validate", *map(str, files)],
+                       capture_output=True, text=True, input=input, timeout=120)
+    return r.returncode, r.stdout, r.stderr
+
+
+def test_examples_are_valid():
+    rc, out, err = validate(*EXAMPLES)
+    assert (rc, out) == (0, ""), err
+
+
+def test_problems_one_line_each(tmp_path):
+    f = tmp_path / "ws.yaml"
+    text = (ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml").read_text()
+    f.write_text(text.replace("method: qlora", "method: full").replace('"https://', '"ftp://'))
+    rc, out, _ = validate(f)
+    assert rc == 1
+    lines = out.strip().splitlines()
+    assert f"{f}: tuning.method: 'full' is not supported: use lora or qlora" in lines
+    assert any(line.startswith(f"{f}: tuning.input.urls[0]: ") and "only http and https" in line for line in lines)
+    assert "Traceback" not in out
+
+
+def test_configmap_in_the_same_file_is_checked_with_its_workspace(tmp_path):
+    text = (ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3_with_configmap.yaml").read_text()
+    f = tmp_path / "ws.yaml"
+    f.write_text(text.replace("        r: 16", "        rank: 16").replace("load_in_4bit: true", "load_in_4bit: \"yes\""))
+    rc, out, _ = validate(f)
+    assert rc == 1
+    assert f"{f}: ConfigMap phi-3-qlora-params: LoraConfig.rank: unknown key for peft.LoraConfig; did you mean 'r'?" in out
+    assert "QuantizationConfig.load_in_4bit: must be true or false" in out
+    # a qlora workspace whose ConfigMap turns quantization off
+    f.write_text(text.replace("load_in_4bit: true", "load_in_4bit: false"))
+    rc, out, _ = validate(f)
+    assert rc == 1 and "method qlora needs a quantized base" in out
+
+
+@pytest.mark.parametrize("content,words", [
+    ("", "is empty"),
+    ("key: [unclosed", "is not valid YAML"),
+    ("\x00\x01binary", "is not valid YAML"),
+    ("- just\n- a list\n", "is a list, not a Kubernetes object"),
+])
+def test_unreadable_or_not_yaml_exits_2(tmp_path, content, words):
+    f = tmp_path / "bad.yaml"
+    f.write_text(content)
+    rc, out, err = validate(f)
+    assert rc == 2 and words in err and "Traceback" not in err
+
+
+def test_missing_file_and_stdin(tmp_path):
+    rc, _, err = validate(tmp_path / "nope.yaml")
+    assert rc == 2 and "no such file" in err
+    text = (ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml").read_text()
+    assert validate("-", input=text)[0] == 0
+
+
+def test_both_tuning_and_inference(tmp_path):
+    text = (ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml").read_text()
+    f = tmp_path / "ws.yaml"
+    f.write_text(text + "inference:\n  preset:\n    name: phi-3-mini-128k-instruct\n")
+    rc, out, _ = validate(f)
+    assert rc == 1 and "either tuning or inference, not both" in out
