@@ -1,0 +1,94 @@
+"""Operator settings, read once from environment variables into one frozen dataclass.
+
+Every setting has a default that works on a cluster with bring-your-own GPU nodes; the
+operator's Deployment (``operator/deployment.yaml``) sets them explicitly.
+
+=====================================  ==========================================================
+KAITO_TUNER_IMAGE                      image of the Job steps and the inference server
+KAITO_JOB_ACTIVE_DEADLINE_SECONDS      a tuning Job is stopped after this long (default 2 days)
+KAITO_JOB_BACKOFF_LIMIT                retries of a failed pod (user errors are never retried)
+KAITO_NODE_AUTO_PROVISIONING           true: create a Karpenter NodeClaim per workspace
+KAITO_NODECLAIM_RELEASE                OnCompletion (delete the NodeClaim when the run ends) or
+                                       OnDelete (keep it until the workspace is deleted)
+KAITO_DENY_PRIVATE_URLS                true: admission refuses dataset URLs on private, loopback,
+                                       link-local or metadata addresses
+KAITO_CHECKPOINT_STORAGE               true: a PVC per workspace holds the output directory, so a
+                                       retried pod resumes from the newest checkpoint
+KAITO_CHECKPOINT_STORAGE_CLASS         storage class of that PVC (default: the cluster's default)
+KAITO_CHECKPOINT_STORAGE_SIZE          its size (default 100Gi)
+KAITO_PROGRESS_POLL_SECONDS            how often a running pod's /progress is read
+KAITO_RETRY_DELAY_SECONDS              how long to wait before re-checking a missing ConfigMap,
+                                       secret or a node that is not ready yet
+=====================================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+
+from .errors import UserError
+
+DEFAULT_TUNER_IMAGE = "ghcr.io/kaito-tuning/tuner:0.1.0"
+RELEASE_POLICIES = ("OnCompletion", "OnDelete")
+
+
+@dataclass(frozen=True)
+class Settings:
+    tuner_image: str = DEFAULT_TUNER_IMAGE
+    job_active_deadline_seconds: int = 2 * 24 * 3600
+    job_backoff_limit: int = 3
+    node_auto_provisioning: bool = False
+    nodeclaim_release: str = "OnCompletion"
+    deny_private_urls: bool = False
+    checkpoint_storage: bool = False
+    checkpoint_storage_class: str | None = None
+    checkpoint_storage_size: str = "100Gi"
+    progress_poll_seconds: float = 15.0
+    retry_delay_seconds: float = 30.0
+
+    def __post_init__(self):
+        if self.nodeclaim_release not in RELEASE_POLICIES:
+            raise UserError(f"must be one of {', '.join(RELEASE_POLICIES)}, got {self.nodeclaim_release!r}",
+                            field="KAITO_NODECLAIM_RELEASE", reason="InvalidSetting")
+        for name in ("job_active_deadline_seconds", "progress_poll_seconds", "retry_delay_seconds"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"must be positive, got {getattr(self, name)}", field=env_name(name),
+                                reason="InvalidSetting")
+        if self.job_backoff_limit < 0:
+            raise UserError(f"must be 0 or more, got {self.job_backoff_limit}", field=env_name("job_backoff_limit"),
+                            reason="InvalidSetting")
+
+
+def env_name(field_name: str) -> str:
+    return "KAITO_" + field_name.upper()
+
+
+def _convert(raw: str, kind: type | str, var: str):
+    kind = kind if isinstance(kind, str) else kind.__name__
+    if "bool" in kind:
+        v = raw.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off", ""):
+            return False
+        raise UserError(f"must be true or false, got {raw!r}", field=var, reason="InvalidSetting")
+    for typ in (int, float):
+        if kind.startswith(typ.__name__):
+            try:
+                return typ(raw)
+            except ValueError:
+                raise UserError(f"must be {'an integer' if typ is int else 'a number'}, got {raw!r}",
+                                field=var, reason="InvalidSetting") from None
+    return raw or None if "None" in kind else raw
+
+
+def from_env(environ: dict[str, str] | None = None) -> Settings:
+    """Settings from ``KAITO_*`` variables; unset ones keep their defaults."""
+    env = os.environ if environ is None else environ
+    values = {}
+    for f in fields(Settings):
+        var = env_name(f.name)
+        if var in env:
+            values[f.name] = _convert(env[var], f.type, var)
+    return Settings(**values)
