@@ -13,7 +13,7 @@ _DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}"
 _REF = re.compile(rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
-                  rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$")
+                  rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$", re.ASCII)  # ASCII: \w must not match "å"
 
 DOCKER_HUB = "docker.io"
 
@@ -69,5 +69,5 @@ def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
         raise InvalidReference(f"image reference {ref!r}: repository name longer than 255 characters")
     tag, digest = m.group("tag"), m.group("digest")
     if require_tag and not tag:
-        raise InvalidReference(f"image reference {ref!r} has no tag; add one, e.g. {ref}:0.0.1")
+        raise InvalidReference(f"image reference {ref!r} has no tag; add one, e.g. {ref.split('@')[0]}:0.0.1")
     return ImageRef(domain, path, tag, digest)
