@@ -766,8 +766,7 @@ def _pull(image, dest_dir, *, auth_file, auth, plain_http, timeout, retries, che
                      timeout=timeout, retries=retries, require_tag=False)
     ref = client.ref
     dest = Path(dest_dir)
-    _prepare_destination(dest)
-    stage = Path(tempfile.mkdtemp(prefix=".kaito-pull-", dir=dest))
+    stage = None
     try:
         client.login()
         manifest, digest = client.get_manifest(ref.reference)
@@ -775,6 +774,8 @@ def _pull(image, dest_dir, *, auth_file, auth, plain_http, timeout, retries, che
             chosen = _choose_platform(manifest, image)
             manifest, _ = client.get_manifest(chosen)
         layers = _image_layers(manifest, image)
+        _prepare_destination(dest)  # only once the image is known to exist
+        stage = Path(tempfile.mkdtemp(prefix=".kaito-pull-", dir=dest))
         root = stage / "data"
         root.mkdir()
         for i, layer in enumerate(layers):
@@ -791,7 +792,8 @@ def _pull(image, dest_dir, *, auth_file, auth, plain_http, timeout, retries, che
             os.replace(entry, dest / entry.name)
     finally:
         client.close()
-        shutil.rmtree(stage, ignore_errors=True)
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
     return PullResult(reference=str(ref), digest=digest, dest_dir=str(dest), files=files)
 
 

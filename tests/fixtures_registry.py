@@ -69,3 +69,125 @@ def registry_auth_file(registry) -> str:
 @pytest.fixture()
 def fake_adapter(tmp_path) -> Path:
     return make_fake_adapter(tmp_path / "adapter")
+
+
+# ---------------------------------------------------------------------------------------------
+# a registry with Bearer-token auth: docker-registry's `auth: token` + a tiny token service here
+
+
+def _libtrust_kid(public_der: bytes) -> str:
+    """distribution's key id for a certificate's key: base32 of sha256(DER)[:30] in groups of 4."""
+    import base64
+    import hashlib
+
+    b32 = base64.b32encode(hashlib.sha256(public_der).digest()[:30]).decode().rstrip("=")
+    return ":".join(b32[i:i + 4] for i in range(0, len(b32), 4))
+
+
+class TokenService:
+    """Issues RS256 JWTs the way Docker's token spec says: Basic user:password (GET) or refresh token (POST).
+
+    Records each request in ``requests`` as (method, params) so tests can see the flow taken.
+    """
+
+    SERVICE, ISSUER, REFRESH_TOKEN = "kaito-test-registry", "kaito-test-issuer", "refresh-0123456789"
+
+    def __init__(self, workdir: Path, user: str, password: str):
+        import subprocess
+
+        self.workdir, self.user, self.password, self.requests = workdir, user, password, []
+        self.key, self.cert = workdir / "token.key", workdir / "token.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(self.key),
+                        "-out", str(self.cert), "-days", "2", "-subj", "/CN=kaito-test-token"],
+                       check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", str(self.cert), "-noout", "-pubkey"], check=True,
+                             capture_output=True).stdout
+        der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "DER"], input=der, check=True,
+                             capture_output=True).stdout
+        self.kid = _libtrust_kid(der)
+
+    def sign(self, claims: dict) -> str:
+        import base64
+        import subprocess
+
+        def b64(b: bytes) -> str:
+            return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+        head = {"typ": "JWT", "alg": "RS256", "kid": self.kid}
+        signing_input = f"{b64(json.dumps(head).encode())}.{b64(json.dumps(claims).encode())}"
+        sig = subprocess.run(["openssl", "dgst", "-sha256", "-sign", str(self.key)], input=signing_input.encode(),
+                             check=True, capture_output=True).stdout
+        return f"{signing_input}.{b64(sig)}"
+
+    def grant(self, scope: str, subject: str) -> str:
+        import time
+
+        access = []
+        for item in scope.split(" "):
+            kind, _, rest = item.partition(":")
+            name, _, actions = rest.rpartition(":")
+            if kind == "repository" and name:
+                access.append({"type": "repository", "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        return self.sign({"iss": self.ISSUER, "sub": subject, "aud": self.SERVICE, "exp": now + 300,
+                          "nbf": now - 10, "iat": now, "jti": f"{now}-{len(self.requests)}", "access": access})
+
+    def serve(self):
+        """Start the HTTP token endpoint in a thread; returns (server, realm URL)."""
+        import base64
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _answer(self, status: int, body: dict):
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                params = {k: v[0] for k, v in parse_qs(urlparse(self.path).query).items()}
+                service.requests.append(("GET", params))
+                auth = self.headers.get("Authorization", "")
+                if not auth.startswith("Basic "):
+                    return self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "credentials needed"}]})
+                user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                if (user, password) != (service.user, service.password):
+                    return self._answer(401, {"errors": [{"code": "UNAUTHORIZED", "message": "bad credentials"}]})
+                self._answer(200, {"token": service.grant(params.get("scope", ""), user)})
+
+            def do_POST(self):
+                form = {k: v[0] for k, v in parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode()).items()}
+                service.requests.append(("POST", form))
+                if form.get("grant_type") != "refresh_token" or form.get("refresh_token") != service.REFRESH_TOKEN:
+                    return self._answer(401, {"error": "invalid_grant"})
+                self._answer(200, {"access_token": service.grant(form.get("scope", ""), "refresh-user")})
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server, f"http://127.0.0.1:{server.server_address[1]}/token"
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory):
+    """(LocalRegistry with Bearer-token auth, TokenService): the registry trusts the service's key."""
+    if not (shutil.which("docker-registry") or shutil.which("registry")) or not shutil.which("openssl"):
+        pytest.skip("docker-registry or openssl is not installed")
+    tokens = TokenService(tmp_path_factory.mktemp("token"), REGISTRY_USER, REGISTRY_PASSWORD)
+    server, realm = tokens.serve()
+    auth = {"token": {"realm": realm, "service": tokens.SERVICE, "issuer": tokens.ISSUER,
+                      "rootcertbundle": str(tokens.cert)}}
+    try:
+        with LocalRegistry(user=REGISTRY_USER, password=REGISTRY_PASSWORD, auth=auth) as reg:
+            yield reg, tokens
+    finally:
+        server.shutdown()
+        server.server_close()
