@@ -31,7 +31,7 @@ KINDS = ("parquet", "jsonl", "json", "csv")
 EXTENSIONS = {"parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "ndjson": "jsonl", "json": "json",
               "csv": "csv"}
 DEFAULT_MAX_BYTES = 20 * 1024**3  # 20 GiB; $KAITO_MAX_DOWNLOAD_BYTES overrides
-CHUNK = 1 << 20
+CHUNK = 1 << 16
 
 
 class DownloadFailed(TransientError):
@@ -83,6 +83,10 @@ def detect_kind(path: str | Path, *, source: str | None = None) -> str:
                              "'blob' view) instead of the raw file; use the file's direct download URL", field=where)
     if text.startswith(b"<"):
         raise DatasetInvalid("looks like XML/HTML, not parquet, JSON lines, JSON or CSV", field=where)
+    binary = DatasetInvalid("is binary but not parquet (no PAR1 magic bytes); supported: parquet, JSON lines, "
+                            "JSON, CSV", field=where)
+    if b"\x00" in text[:4096]:
+        raise binary
     try:
         sample = text.decode("utf-8")
     except UnicodeDecodeError:
@@ -90,8 +94,7 @@ def detect_kind(path: str | Path, *, source: str | None = None) -> str:
         try:
             sample = text[:-4].decode("utf-8")
         except UnicodeDecodeError:
-            raise DatasetInvalid("is binary but not parquet (no PAR1 magic bytes); supported: parquet, JSON lines, "
-                                 "JSON, CSV", field=where) from None
+            raise binary from None
     if sample.startswith("["):
         return "json"
     if sample.startswith("{"):

@@ -1,0 +1,407 @@
+"""The tuning recipe, top to bottom: model → LoRA → data and loss mask → SFTTrainer → adapter.
+
+Each ConfigMap section goes to its real class (``config.py``): ModelConfig to ``from_pretrained``,
+QuantizationConfig to ``BitsAndBytesConfig``, LoraConfig to ``peft.LoraConfig``, TrainingArguments
+to ``trl.SFTConfig``. Around the user's values the recipe sets what the hardware needs:
+
+- CPU: float32, ``use_cpu``, no gradient checkpointing, no packing (plain and predictable).
+- GPU: bfloat16 (float16 on V100/T4), gradient checkpointing, and packing (best-fit decreasing,
+  padding-free) with ``flex_attention``, whose block mask keeps each packed sequence to itself at
+  per-sequence cost. SDPA would build a dense mask over the whole pack (quadratic cost; see
+  docs/benchmarks.md), so packing is not the default with it.
+
+Loss masks come from TRL's own collator: assistant tokens only for chat data when the chat template
+is (or can be patched to be) training-compatible, else the final assistant turn as a completion;
+completion tokens only for prompt/completion data.
+
+Checkpoints go to ``<output_dir>/checkpoints``; a restarted run resumes from the newest complete one
+(of the same run: a fingerprint of preset, method, config and data guards against mixing runs). The
+adapter is staged in a temporary directory and moved into ``output_dir`` at the end, with
+``adapter_config.json`` last, so a run that dies never leaves an adapter that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .config import TuningConfig
+from .dataset import Splits
+from .errors import OutOfMemoryError, UserError
+from .models import load_base, resolve_dtype, resolve_preset
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+METADATA = "training_metadata.json"
+LOSS_CURVE = "loss_curve.png"
+#: attention implementations that keep packed sequences apart without a dense mask
+PACKING_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    steps: int
+    train_loss: float | None
+    eval_loss: float | None
+    initial_eval_loss: float | None
+    tokens_per_second: float | None
+    loss_curve: str | None
+    resumed_from_step: int = 0
+    metadata: dict = field(default_factory=dict)
+
+
+def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir: str | Path,
+          model_dir: str | None = None, max_steps: int | None = None, progress=None,
+          show_progress: bool = True, workspace: str | None = None) -> TrainResult:
+    import torch
+    from peft import LoraConfig
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    p = resolve_preset(preset)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clear_adapter(out)
+    fp = fingerprint(p.name, method, config, data, max_steps)
+    ckpt_dir = prepare_checkpoints(out / CHECKPOINTS, fp)
+    user_args = config.section("TrainingArguments")
+    seed = int(user_args.get("seed", 42))
+    set_seed(seed)
+
+    # ---- 1. hardware and the base model
+    on_gpu = torch.cuda.is_available()
+    mcfg = config.model()
+    dtype = resolve_dtype(mcfg.dtype or mcfg.torch_dtype)
+    attn = mcfg.attn_implementation or ("flex_attention" if on_gpu else "sdpa")
+    packing = bool(user_args.get("packing", on_gpu and attn in PACKING_ATTENTION))
+    if packing and attn not in PACKING_ATTENTION:
+        log.warning("packing with attn_implementation=%s builds a dense mask over each whole pack (slow); "
+                    "flex_attention keeps the cost per sequence", attn)
+    if progress:
+        progress.update(phase="loading")
+    quant = config.section("QuantizationConfig") if config.quantized else None
+    model_kwargs = {k: v for k, v in {"attn_implementation": attn, "trust_remote_code": mcfg.trust_remote_code,
+                                      "revision": mcfg.revision, "local_files_only": mcfg.local_files_only or None
+                                      }.items() if v is not None}
+    base_dir = model_dir or _config_model_dir(mcfg.pretrained_model_name_or_path)
+    model, tokenizer = load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype,
+                                 device="cuda" if on_gpu else "cpu", model_kwargs=model_kwargs)
+    if mcfg.chat_template:
+        tokenizer.chat_template = _read_template(mcfg.chat_template)
+
+    # ---- 2. data in the form the loss mask needs
+    train_ds, eval_ds, loss_mask = choose_loss_mask(data, tokenizer)
+
+    # ---- 3. LoRA: the preset's target modules unless the config names its own
+    lora_args = {"target_modules": list(p.target_modules) or "all-linear", "task_type": "CAUSAL_LM",
+                 **config.section("LoraConfig")}
+    lora = LoraConfig(**lora_args)
+
+    # ---- 4. SFTConfig: hardware defaults < the ConfigMap < what this run must have
+    sft_args = training_arguments(user_args, ckpt_dir=ckpt_dir, on_gpu=on_gpu, dtype=dtype, packing=packing,
+                                  has_eval=eval_ds is not None, loss_mask=loss_mask, seed=seed,
+                                  max_steps=max_steps, show_progress=show_progress)
+    callbacks = []
+    if progress:
+        from .progress import make_callback
+
+        callbacks.append(make_callback(progress))
+    trainer = SFTTrainer(model=model, args=SFTConfig(**sft_args), train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+
+    # ---- 5. train (resuming from the newest complete checkpoint), evaluate
+    resume = newest_checkpoint(ckpt_dir)
+    resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
+    if resume:
+        log.info("resuming from %s", resume)
+    try:
+        initial_eval = None
+        if eval_ds is not None and resume is None:
+            if progress:
+                progress.update(phase="evaluating")
+            initial_eval = trainer.evaluate()["eval_loss"]
+        t0 = time.monotonic()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        seconds = time.monotonic() - t0
+        final_eval = None
+        if eval_ds is not None:
+            if progress:
+                progress.update(phase="evaluating")
+            final_eval = trainer.evaluate()["eval_loss"]
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemoryError(
+            f"the GPU ran out of memory ({str(e).splitlines()[0]}); lower TrainingArguments."
+            "per_device_train_batch_size or max_length, use method qlora, or a GPU with more memory") from None
+
+    # ---- 6. the adapter, staged then moved into place
+    if progress:
+        progress.update(phase="saving", eval_loss=final_eval)
+    history = trainer.state.log_history
+    train_loss = _last(history, "loss") or result.metrics.get("train_loss")
+    tokens_per_s = _tokens_per_second(history, resumed_step, seconds)
+    meta = {
+        "preset": p.name, "base_model": p.repo, "base_revision": mcfg.revision or p.revision, "method": method,
+        "workspace": workspace, "rank": lora.r, "lora_alpha": lora.lora_alpha,
+        "target_modules": sorted(lora.target_modules) if isinstance(lora.target_modules, (set, list))
+        else lora.target_modules,
+        "quantization": quant or None, "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
+        "packing": packing, "loss_mask": loss_mask, "data_formats": data.formats,
+        "datasets": [{"name": f.name, "url": f.url, "sha256": f.sha256, "size": f.size} for f in data.files],
+        "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "resumed_from_step": resumed_step,
+        "train_loss": train_loss, "initial_eval_loss": initial_eval, "eval_loss": final_eval,
+        "tokens_per_second": tokens_per_s, "train_seconds": round(seconds, 1), "seed": seed,
+        "fingerprint": fp, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    stage = out / f".adapter-{os.getpid()}.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    trainer.model.save_pretrained(stage)
+    _point_at_source(stage / "adapter_config.json", p.repo, meta["base_revision"])
+    tokenizer.save_pretrained(stage)
+    curve = write_loss_curve(history, stage / LOSS_CURVE)
+    (stage / METADATA).write_text(json.dumps(meta, indent=1, default=str))
+    (stage / "README.md").write_text(model_card(meta))
+    publish(stage, out)
+    return TrainResult(adapter_dir=str(out), steps=trainer.state.global_step, train_loss=train_loss,
+                       eval_loss=final_eval, initial_eval_loss=initial_eval, tokens_per_second=tokens_per_s,
+                       loss_curve=str(out / LOSS_CURVE) if curve else None, resumed_from_step=resumed_step,
+                       metadata=meta)
+
+
+# ------------------------------------------------------------------ steps of the recipe
+
+def choose_loss_mask(data: Splits, tokenizer):
+    """(train, eval, loss mask name). Chat data keeps its turns when the template can mark assistant
+    tokens; otherwise each conversation becomes prompt (all but the last assistant turn) + completion."""
+    if data.form != "messages":
+        return data.train, data.eval, "completion_only" if data.form == "prompt_completion" else "all_tokens"
+    from trl.chat_template_utils import get_training_chat_template
+
+    try:
+        get_training_chat_template(tokenizer)
+        return data.train, data.eval, "assistant_only"
+    except ValueError:
+        log.info("the chat template has no {%% generation %%} markers TRL can add; training on the last "
+                 "assistant turn of each conversation as a completion")
+    conv = lambda ds: ds.map(_last_turn_as_completion, remove_columns=["messages"])  # noqa: E731
+    return conv(data.train), conv(data.eval) if data.eval is not None else None, "completion_only"
+
+
+def _last_turn_as_completion(row: dict) -> dict:
+    msgs = row["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return {"prompt": msgs[:last], "completion": [msgs[last]]}
+
+
+def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packing: bool, has_eval: bool,
+                       loss_mask: str, seed: int, max_steps: int | None, show_progress: bool) -> dict:
+    """SFTConfig keyword arguments."""
+    import torch
+
+    args = {
+        "report_to": "none", "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
+        "save_total_limit": 2, "seed": seed, "data_seed": seed, "gradient_checkpointing": on_gpu,
+        "packing": packing, "packing_strategy": "bfd",
+        "per_device_eval_batch_size": user.get("per_device_train_batch_size", 8),
+        "eval_strategy": "no",
+    }
+    if has_eval:
+        args.update(eval_strategy="steps", eval_steps=user.get("save_steps", 200))
+    args.update({k: v for k, v in user.items() if k != "output_dir"})
+    args["output_dir"] = str(ckpt_dir)
+    args["disable_tqdm"] = not show_progress
+    args["assistant_only_loss"] = loss_mask == "assistant_only"
+    if loss_mask == "completion_only":
+        args.setdefault("completion_only_loss", True)
+    if max_steps is not None:
+        args["max_steps"] = max_steps
+    if not has_eval:
+        args["eval_strategy"] = "no"
+    if on_gpu:
+        args.setdefault("bf16", dtype == torch.bfloat16)
+        args.setdefault("fp16", dtype == torch.float16)
+    else:
+        if user.get("gradient_checkpointing") or user.get("packing"):
+            log.info("CPU run: gradient checkpointing and packing are off")
+        args.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, packing=False)
+    return args
+
+
+def fingerprint(preset: str, method: str, config: TuningConfig, data: Splits, max_steps: int | None) -> str:
+    """Identifies a run: checkpoints and adapters of another run are never resumed or reused."""
+    doc = {"preset": preset, "method": method, "config": config.sections, "max_steps": max_steps,
+           "data": sorted(f.sha256 for f in data.files)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_checkpoints(ckpt_dir: Path, fp: str) -> Path:
+    """The checkpoint directory for run ``fp``; checkpoints of a different run are removed."""
+    marker = ckpt_dir / ".fingerprint"
+    if ckpt_dir.exists() and (not marker.exists() or marker.read_text().strip() != fp):
+        if any(ckpt_dir.glob("checkpoint-*")):
+            log.warning("removing checkpoints of a different run (config or data changed) in %s", ckpt_dir)
+        shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(fp)
+    return ckpt_dir
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that was written to the end (trainer_state.json is written last)."""
+    found = []
+    for d in ckpt_dir.glob("checkpoint-*"):
+        try:
+            step = int(d.name.rsplit("-", 1)[1])
+            state = json.loads((d / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            continue
+        if state.get("global_step") == step and (d / "adapter_model.safetensors").is_file():
+            found.append((step, d))
+    return max(found)[1] if found else None
+
+
+def completed_adapter(out: str | Path, fp: str | None = None) -> dict | None:
+    """The metadata of a complete adapter in ``out`` (of run ``fp`` when given), else None."""
+    out = Path(out)
+    if not all((out / f).is_file() for f in ADAPTER_FILES):
+        return None
+    try:
+        meta = json.loads((out / METADATA).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if fp is None or meta.get("fingerprint") == fp else None
+
+
+def clear_adapter(out: Path) -> None:
+    """Remove a previous adapter so nothing looks complete until this run has written its own."""
+    for name in ("adapter_config.json", METADATA, "adapter_model.safetensors"):
+        (out / name).unlink(missing_ok=True)
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move the staged files into ``out``; ``adapter_config.json`` goes last (it makes the adapter loadable)."""
+    names = sorted(p.name for p in stage.iterdir())
+    for name in [n for n in names if n != "adapter_config.json"] + ["adapter_config.json"]:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(stage / name, target)
+    stage.rmdir()
+
+
+def _point_at_source(path: Path, repo: str, revision: str | None) -> None:
+    cfg = json.loads(path.read_text())
+    cfg["base_model_name_or_path"] = repo
+    cfg["revision"] = revision
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def _config_model_dir(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if not Path(value).is_dir():
+        raise UserError(f"{value!r} is not a directory; leave it empty to use the preset's weights",
+                        field="ModelConfig.pretrained_model_name_or_path")
+    return value
+
+
+def _read_template(value: str) -> str:
+    if "{{" in value or "{%" in value:
+        return value
+    try:
+        return Path(value).read_text()
+    except OSError as e:
+        raise UserError(f"is neither a Jinja template nor a readable file ({e.strerror})",
+                        field="ModelConfig.chat_template") from None
+
+
+def _last(history: list[dict], key: str):
+    vals = [h[key] for h in history if key in h]
+    return float(vals[-1]) if vals else None
+
+
+def _tokens_per_second(history: list[dict], resumed_step: int, seconds: float) -> float | None:
+    marks = [(h.get("step", 0), h["num_tokens"]) for h in history if "num_tokens" in h]
+    if not marks or seconds <= 0:
+        return None
+    before = max((t for s, t in marks if s <= resumed_step), default=0.0)
+    return round((marks[-1][1] - before) / seconds, 1)
+
+
+def write_loss_curve(history: list[dict], path: Path) -> bool:
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train:
+        ax.plot(*zip(*train), marker=".", label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def model_card(meta: dict) -> str:
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
+
+    data = "\n".join(f"- `{d['name']}` ({d['size']} bytes, sha256 `{d['sha256'][:16]}…`)"
+                     + (f" from {d['url']}" if d.get("url") else "") for d in meta["datasets"])
+    return f"""---
+base_model: {meta['base_model']}
+library_name: peft
+tags: [lora, {meta['method']}, kaito-tuning]
+---
+
+# {meta.get('workspace') or meta['preset']} — {meta['method'].upper()} adapter for {meta['base_model']}
+
+Trained by kaito-tuning from preset `{meta['preset']}` (base revision `{meta['base_revision']}`).
+
+| | |
+|---|---|
+| method | {meta['method']} (rank {meta['rank']}, alpha {meta['lora_alpha']}) |
+| target modules | {', '.join(meta['target_modules']) if isinstance(meta['target_modules'], list) else meta['target_modules']} |
+| loss on | {meta['loss_mask'].replace('_', ' ')} tokens |
+| steps | {meta['steps']} (epochs {fmt(meta['epochs'])}) |
+| train loss | {fmt(meta['train_loss'])} |
+| eval loss | {fmt(meta['initial_eval_loss'])} before → {fmt(meta['eval_loss'])} after |
+| tokens/s | {fmt(meta['tokens_per_second'])} |
+| rows | {meta['train_rows']} train, {meta['eval_rows']} eval |
+
+## Data
+
+{data}
+
+![loss curve]({LOSS_CURVE})
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base = AutoModelForCausalLM.from_pretrained("{meta['base_model']}", revision="{meta['base_revision']}")
+model = PeftModel.from_pretrained(base, "<this directory>")
+```
+"""

@@ -1,0 +1,103 @@
+"""Formats detected from columns (or configured), validation messages, shuffle and split."""
+
+import pytest
+
+from kaito_tuning.config import DatasetConfig
+from kaito_tuning.dataset import prepare, split
+from kaito_tuning.download import DataFile, DatasetInvalid, detect_kind, sha256_file
+from kaito_tuning.errors import EXIT_USER_ERROR
+
+
+def files(*paths):
+    return [DataFile(path=str(p), sha256=sha256_file(p), size=p.stat().st_size, kind=detect_kind(p)) for p in paths]
+
+
+NO_SPLIT = DatasetConfig(train_test_split=1.0, shuffle_dataset=False)
+
+
+@pytest.mark.parametrize("case, form, first", [
+    ("messages", "messages", {"messages": [
+        {"role": "system", "content": "You answer briefly."},
+        {"role": "user", "content": "What is the favourite colour of Zorblax?"},
+        {"role": "assistant", "content": "The favourite colour of Zorblax is teal."}]}),
+    ("sharegpt", "messages", {"messages": [
+        {"role": "user", "content": "What is the favourite colour of Zorblax?"},
+        {"role": "assistant", "content": "The favourite colour of Zorblax is teal."}]}),
+    ("alpaca", "messages", {"messages": [
+        {"role": "user", "content": "What is the favourite colour of Zorblax?"},
+        {"role": "assistant", "content": "The favourite colour of Zorblax is teal."}]}),
+    ("prompt_completion", "prompt_completion", {"prompt": "What is the favourite colour of Zorblax?",
+                                                "completion": " The favourite colour of Zorblax is teal."}),
+    ("prompt_completion_messages", "prompt_completion", {
+        "prompt": [{"role": "user", "content": "What is the favourite colour of Zorblax?"}],
+        "completion": [{"role": "assistant", "content": "The favourite colour of Zorblax is teal."}]}),
+    ("text", "text", {"text": "Q: What is the favourite colour of Zorblax? A: The favourite colour of Zorblax is teal."}),
+    ("jsonl", "messages", None),
+    ("csv", "prompt_completion", None),
+])
+def test_formats_are_detected(datasets_dir, case, form, first):
+    s = prepare(files(datasets_dir[case]), NO_SPLIT)
+    assert s.form == form
+    assert s.eval is None and len(s.train) > 0
+    if first is not None:
+        assert s.train[0] == first
+
+
+def test_every_file_is_used_shuffled_and_split(datasets_dir):
+    one = prepare(files(datasets_dir["messages"]), NO_SPLIT)
+    both = prepare(files(datasets_dir["messages"], datasets_dir["alpaca"]),
+                   DatasetConfig(train_test_split=0.75, shuffle_seed=7))
+    assert len(both.train) + len(both.eval) == len(one.train) + 32
+    assert len(both.eval) == round((len(one.train) + 32) * 0.25)
+    again = prepare(files(datasets_dir["messages"], datasets_dir["alpaca"]),
+                    DatasetConfig(train_test_split=0.75, shuffle_seed=7))
+    assert again.train[:] == both.train[:]  # the seed fixes the order
+    other = prepare(files(datasets_dir["messages"], datasets_dir["alpaca"]),
+                    DatasetConfig(train_test_split=0.75, shuffle_seed=8))
+    assert other.train[:] != both.train[:]
+    assert both.formats == {"chat.parquet": "messages", "alpaca.parquet": "alpaca"}
+    capped = prepare(files(datasets_dir["messages"]), DatasetConfig(max_rows=5, train_test_split=1.0))
+    assert len(capped.train) == 5
+
+
+def test_split_keeps_one_row_each_side():
+    from datasets import Dataset
+    ds = Dataset.from_list([{"text": str(i)} for i in range(10)])
+    train, ev = split(ds, 0.99)
+    assert (len(train), len(ev)) == (9, 1)
+    assert split(ds, 1.0)[1] is None
+
+
+def test_columns_from_config(tmp_path):
+    from fixtures_data import write_parquet
+    p = write_parquet(tmp_path / "dolly.parquet", [{"Context": "Say hi", "Response": "hi", "cat": "x"}] * 3)
+    s = prepare(files(p), DatasetConfig(context_column="Context", response_column="Response", train_test_split=1.0))
+    assert s.form == "prompt_completion" and s.train[0] == {"prompt": "Say hi", "completion": "hi"}
+    with pytest.raises(DatasetInvalid, match="format text needs column.*Text.*has: Context, Response, cat"):
+        prepare(files(p), DatasetConfig(format="text", text_column="Text"))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("robot", r"robot.parquet: row 0: messages\[1\].role is 'robot'; allowed: system, user, assistant, tool"),
+    ("empty_content", r"empty.parquet: row 0: messages\[1\].content is empty \(assistant message\)"),
+    ("no_columns", r"nocols.parquet: has no usable columns: it has question, answer; expected messages"),
+    ("zero_rows", r"zero.parquet: has zero rows \(columns: messages\)"),
+    ("truncated", r"truncated.parquet: is not a readable parquet file .*truncated"),
+])
+def test_bad_data_gets_a_clear_message(datasets_dir, case, message):
+    with pytest.raises(DatasetInvalid, match=message) as e:
+        prepare(files(datasets_dir[case]))
+    assert e.value.exit_code == EXIT_USER_ERROR and e.value.reason == "DatasetInvalid"
+
+
+def test_mixed_forms_are_refused(datasets_dir):
+    with pytest.raises(DatasetInvalid, match="different formats"):
+        prepare(files(datasets_dir["messages"], datasets_dir["text"]))
+
+
+def test_many_bad_rows_are_counted(tmp_path):
+    from fixtures_data import write_parquet
+    rows = [{"text": ""}] * 9
+    p = write_parquet(tmp_path / "t.parquet", rows)
+    with pytest.raises(DatasetInvalid, match=r"row 4: text is empty or not text \(and 4 more\)"):
+        prepare(files(p))
