@@ -444,6 +444,8 @@ class _Registry:
             auth = (c.username, c.password) if c.username and c.password is not None else None
             resp = self._send("GET", realm, params=query, auth=auth, auth_header=False, what="token request")
         if resp.status_code in (401, 403):
+            if c is _ANONYMOUS:
+                raise self._denied(f"its token service {realm} refused an anonymous token")
             raise RegistryAuthFailed(f"authentication failed for {self.host}: the token service {realm} refused "
                                      f"the credentials ({_error_text(resp)})")
         if resp.status_code != 200:
@@ -822,12 +824,15 @@ def _image_layers(manifest: dict, image: str) -> list[dict]:
     if manifest.get("schemaVersion") != 2 or media not in (MEDIA_MANIFEST, DOCKER_MANIFEST, ""):
         raise NotAnAdapter(f"image {image} has a manifest of type {media or 'unknown'} that we cannot read")
     layers = manifest.get("layers") or []
+    config_type = (manifest.get("config") or {}).get("mediaType", "")
     for layer in layers:
-        if not _TAR_LAYERS.match(layer.get("mediaType", "")):
-            config_type = (manifest.get("config") or {}).get("mediaType", "")
-            raise NotAnAdapter(f"image {image} is not a container image with /data: it has a layer of type "
-                               f"{layer.get('mediaType')!r} (config {config_type!r}); push it as an image "
-                               "whose gzip tar layers hold /data/")
+        if _TAR_LAYERS.match(layer.get("mediaType", "")):
+            continue
+        if config_type not in (MEDIA_CONFIG, "application/vnd.docker.container.image.v1+json"):
+            raise NotAnAdapter(f"image {image} is an OCI artifact (config type {config_type!r}), not a container "
+                               "image; push the files under /data/ in the gzip tar layer of an image")
+        raise NotAnAdapter(f"image {image} has a layer of type {layer.get('mediaType')!r} that cannot be "
+                           "unpacked here (only tar and tar+gzip layers)")
     return layers
 
 

@@ -170,6 +170,8 @@ def test_bearer_token_flow_with_password_and_identity_token(fake_adapter, token_
     bad = {"auths": {reg.host: {"username": REGISTRY_USER, "password": "wrong"}}}
     with pytest.raises(oci.RegistryAuthFailed, match=f"authentication failed for {reg.host}"):
         oci.push_adapter(fake_adapter, f"{reg.host}/bearer/adapter:2", auth=bad, plain_http=True)
+    with pytest.raises(oci.RegistryAuthFailed, match=f"registry {reg.host} requires credentials to pull"):
+        oci.pull_adapter(f"{reg.host}/bearer/adapter:1", tmp_path / "anon", plain_http=True)
 
 
 def test_parse_challenge():
@@ -396,6 +398,23 @@ def _push_image(registry, repo_tag: str, layers: list[bytes]) -> str:
     return image
 
 
+def test_pulling_an_artifact_says_it_is_not_an_image(registry, tmp_path):
+    image = f"{registry.host}/artifacts/model:1"
+    client = oci._client(image, auth_file=registry.auth_file, auth=None, plain_http=True, push=True, timeout=30,
+                         retries=0, require_tag=True)
+    client.login()
+    blob, config = b"weights", b"{}"
+    for data in (blob, config):
+        client.push_blob("sha256:" + hashlib.sha256(data).hexdigest(), data, "blob")
+    client.put_manifest("1", json.dumps({"schemaVersion": 2, "mediaType": oci.MEDIA_MANIFEST, "config": {
+        "mediaType": "application/vnd.cncf.model.config.v1+json", "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+        "size": 2}, "layers": [{"mediaType": "application/vnd.cncf.model.weight.v1.raw", "size": len(blob),
+                                "digest": "sha256:" + hashlib.sha256(blob).hexdigest()}]}).encode())
+    client.close()
+    with pytest.raises(oci.NotAnAdapter, match="is an OCI artifact .*vnd.cncf.model.config"):
+        oci.pull_adapter(image, tmp_path / "out", auth_file=registry.auth_file, plain_http=True)
+
+
 def test_pulling_a_dataset_image_as_an_adapter_says_it_is_not_one(registry, tmp_path):
     image = _push_image(registry, "datasets/chat:1", [_layer([("data/train.parquet", "file", b"PAR1")])])
     with pytest.raises(oci.NotAnAdapter, match=r"is not an adapter: it has no /data/adapter_config.json .*train.parquet"):
@@ -470,3 +489,25 @@ def test_local_registry_without_the_binary_says_what_to_install(monkeypatch):
     monkeypatch.setattr(localregistry.shutil, "which", lambda name: None)
     with pytest.raises(localregistry.RegistryNotInstalled, match="apt-get install docker-registry"):
         localregistry.LocalRegistry().start()
+
+
+def test_pull_through_a_multi_platform_index_takes_linux_amd64(fake_adapter, registry, tmp_path):
+    pushed = _push(fake_adapter, registry, "adapters/indexed:img")
+    other = _push(make_fake_adapter(tmp_path / "other", seed=7), registry, "adapters/indexed:arm")
+
+    def size(tag: str) -> int:
+        return len(requests.get(f"{registry.url}/v2/adapters/indexed/manifests/{tag}", headers={
+            "Accept": oci.MEDIA_MANIFEST}, auth=(REGISTRY_USER, REGISTRY_PASSWORD)).content)
+
+    index = {"schemaVersion": 2, "mediaType": oci.MEDIA_INDEX, "manifests": [
+        {"mediaType": oci.MEDIA_MANIFEST, "digest": other.digest, "size": size("arm"),
+         "platform": {"os": "linux", "architecture": "arm64"}},
+        {"mediaType": oci.MEDIA_MANIFEST, "digest": pushed.digest, "size": size("img"),
+         "platform": {"os": "linux", "architecture": "amd64"}}]}
+    resp = requests.put(f"{registry.url}/v2/adapters/indexed/manifests/multi", data=json.dumps(index),
+                        auth=(REGISTRY_USER, REGISTRY_PASSWORD), headers={"Content-Type": oci.MEDIA_INDEX})
+    assert resp.status_code == 201, resp.text
+    oci.pull_adapter(f"{registry.host}/adapters/indexed:multi", tmp_path / "out", auth_file=registry.auth_file,
+                     plain_http=True)
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
+        (fake_adapter / "adapter_model.safetensors").read_bytes()
