@@ -19,6 +19,9 @@ KAITO_CHECKPOINT_STORAGE_SIZE          its size (default 100Gi)
 KAITO_PROGRESS_POLL_SECONDS            how often a running pod's /progress is read
 KAITO_RETRY_DELAY_SECONDS              how long to wait before re-checking a missing ConfigMap,
                                        secret or a node that is not ready yet
+KAITO_WEBHOOK_PORT                     port of the admission webhook server (0: no webhook server)
+KAITO_WEBHOOK_CERT_DIR                 directory with tls.crt and tls.key for it (empty: plain HTTP,
+                                       for tests only)
 =====================================  ==========================================================
 """
 
@@ -46,6 +49,8 @@ class Settings:
     checkpoint_storage_size: str = "100Gi"
     progress_poll_seconds: float = 15.0
     retry_delay_seconds: float = 30.0
+    webhook_port: int = 0
+    webhook_cert_dir: str | None = None
 
     def __post_init__(self):
         if self.nodeclaim_release not in RELEASE_POLICIES:

@@ -1,0 +1,350 @@
+"""Workspace status from what the cluster shows: pure functions, no API calls.
+
+A tuning workspace's status is computed from scratch each time from its Job, the Job's pods, the
+tuner's last progress report and (when nodes are auto-provisioned) its NodeClaim. The rules:
+
+* a failed attempt the Job will retry is *not* a failure (Kaito checks ``failed`` first and flips
+  to Failed on the first lost pod): the workspace is Failed only when the Job is;
+* the reason comes from the pods: the tuner's termination message (``Reason: field: message``),
+  OOMKilled, image pull errors, a missing secret or ConfigMap, an unschedulable pod;
+* a condition keeps its ``lastTransitionTime`` while its status does not change.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+
+from .errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
+READY, NOT_READY = "Ready", "NotReady"
+_PULL_ERRORS = ("ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull")
+_CONFIG_ERRORS = ("CreateContainerConfigError", "CreateContainerError")
+_REASON_PREFIX = re.compile(r"^([A-Z][A-Za-z0-9]+): (.*)$", re.DOTALL)
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def condition(type_: str, status: bool | str, reason: str, message: str) -> dict:
+    s = status if isinstance(status, str) else ("True" if status else "False")
+    return {"type": type_, "status": s, "reason": reason, "message": message}
+
+
+def merge_conditions(previous: list[dict] | None, new: list[dict], generation: int | None, now: str) -> list[dict]:
+    """``new`` with observedGeneration and lastTransitionTime (kept from ``previous`` if the status is the same)."""
+    old = {c.get("type"): c for c in previous or []}
+    out = []
+    for c in new:
+        c = dict(c)
+        prev = old.get(c["type"])
+        c["lastTransitionTime"] = prev["lastTransitionTime"] if (
+            prev and prev.get("status") == c["status"] and prev.get("lastTransitionTime")) else now
+        if generation is not None:
+            c["observedGeneration"] = generation
+        out.append(c)
+    return out
+
+
+# ------------------------------------------------------------------ pods
+
+def _statuses(pod: dict) -> list[tuple[str, dict]]:
+    st = pod.get("status") or {}
+    return [(cs.get("name", "?"), cs) for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])]
+
+
+def _created(obj: dict) -> str:
+    return (obj.get("metadata") or {}).get("creationTimestamp") or ""
+
+
+def split_reason(message: str, default: str) -> tuple[str, str]:
+    """``"DatasetInvalid: tuning.input: ..."`` → ("DatasetInvalid", "tuning.input: ...")."""
+    m = _REASON_PREFIX.match((message or "").strip())
+    if m:
+        return m.group(1), m.group(2).strip()
+    return default, (message or "").strip()
+
+
+def container_failure(pod: dict) -> dict | None:
+    """{reason, message, container, exitCode} of the first container of ``pod`` that exited non-zero."""
+    for name, cs in _statuses(pod):
+        term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if not term or term.get("exitCode", 0) == 0:
+            continue
+        code = term.get("exitCode")
+        text = (term.get("message") or "").strip()
+        if term.get("reason") == "OOMKilled" or code == EXIT_OUT_OF_MEMORY:
+            reason, msg = split_reason(text, "OutOfMemory")
+            if term.get("reason") == "OOMKilled":
+                reason = "OutOfMemory"
+                msg = msg or "the container ran out of memory (OOMKilled); use a larger instance type, method qlora, " \
+                             "a smaller per_device_train_batch_size or max_length"
+        elif code == EXIT_USER_ERROR:
+            reason, msg = split_reason(text, "InvalidInput")
+        else:
+            reason, msg = split_reason(text, term.get("reason") or "Error")
+        if not msg:
+            msg = f"container {name} exited with code {code}"
+        return {"reason": reason, "message": msg, "container": name, "exitCode": code}
+    return None
+
+
+def pod_blocker(pod: dict) -> dict | None:
+    """Why a pod that has not failed is stuck: image pull, missing secret/ConfigMap, unschedulable."""
+    for name, cs in _statuses(pod):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason in _PULL_ERRORS:
+            return {"reason": "ImagePullBackOff", "container": name,
+                    "message": f"container {name} cannot pull its image: {waiting.get('message') or reason}"}
+        if reason in _CONFIG_ERRORS:
+            return {"reason": reason, "container": name,
+                    "message": f"container {name} cannot start: {waiting.get('message') or reason}"}
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return {"reason": c.get("reason") or "Unschedulable",
+                    "message": f"the pod cannot be scheduled: {c.get('message') or 'no node fits'}"}
+    return None
+
+
+def _scheduled(pod: dict) -> bool:
+    if (pod.get("spec") or {}).get("nodeName"):
+        return True
+    return any(c.get("type") == "PodScheduled" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def _started(pod: dict) -> bool:
+    phase = (pod.get("status") or {}).get("phase")
+    if phase in ("Running", "Succeeded"):
+        return True
+    return any((cs.get("state") or {}).get("running") or (cs.get("state") or {}).get("terminated")
+               for _, cs in _statuses(pod))
+
+
+def _result(pods: list[dict]) -> dict | None:
+    """The JSON the last step wrote to its termination log on success."""
+    for pod in sorted(pods, key=_created, reverse=True):
+        for _, cs in reversed(_statuses(pod)):
+            term = (cs.get("state") or {}).get("terminated") or {}
+            if term.get("exitCode") == 0 and term.get("message"):
+                try:
+                    data = json.loads(term["message"])
+                except ValueError:
+                    continue
+                if isinstance(data, dict):
+                    return data
+    return None
+
+
+def running_pod(pods: list[dict]) -> dict | None:
+    """The newest Running pod that has an IP (where /progress is served)."""
+    live = [p for p in pods if (p.get("status") or {}).get("phase") == "Running" and (p.get("status") or {}).get("podIP")]
+    return max(live, key=_created) if live else None
+
+
+# ------------------------------------------------------------------ progress
+
+_PROGRESS_KEYS = {"step": ("step", "global_step"), "totalSteps": ("totalSteps", "total_steps", "max_steps"),
+                  "epoch": ("epoch",), "loss": ("loss", "train_loss"), "evalLoss": ("evalLoss", "eval_loss"),
+                  "etaSeconds": ("etaSeconds", "eta_seconds", "eta")}
+
+
+def normalize_progress(data: dict | None) -> dict | None:
+    """The tuner's progress JSON → {step, totalSteps, epoch, loss, evalLoss, etaSeconds} (known keys only)."""
+    if not isinstance(data, dict):
+        return None
+    out = {}
+    for key, names in _PROGRESS_KEYS.items():
+        for n in names:
+            v = data.get(n)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[key] = round(v, 6) if isinstance(v, float) else v
+                break
+    return out or None
+
+
+# ------------------------------------------------------------------ tuning status
+
+def _job_condition(job: dict, *types: str) -> dict | None:
+    for c in (job.get("status") or {}).get("conditions") or []:
+        if c.get("type") in types and c.get("status") == "True":
+            return c
+    return None
+
+
+def tuning_status(previous: dict | None, *, generation: int | None, job: dict | None, pods: list[dict],
+                  revision: int, progress: dict | None = None, blocker: dict | None = None,
+                  nodeclaim: dict | None = None, provisioning: bool = False, output_volume: bool = False,
+                  now: str | None = None) -> dict:
+    """The full ``status`` of a tuning workspace.
+
+    ``blocker``: {reason, message} when the operator cannot create the Job yet (missing ConfigMap
+    or secret, node not ready); ``progress``: the tuner's latest report (None keeps the previous).
+    """
+    now = now or now_iso()
+    previous = previous or {}
+    prev_tuning = previous.get("tuning") or {}
+    same_run = prev_tuning.get("revision") == revision
+    tuning: dict = {"revision": revision}
+    if job is not None:
+        tuning["jobName"] = job["metadata"]["name"]
+    prog = normalize_progress(progress) or (prev_tuning.get("progress") if same_run else None)
+
+    conds: list[dict] = []
+    node_ready = None
+    if provisioning:
+        node_ready, reason, msg = nodeclaim_ready(nodeclaim)
+        conds.append(condition("NodeClaimReady", node_ready, reason, msg))
+
+    pods = sorted(pods, key=_created)
+    latest = pods[-1] if pods else None
+    done = _job_condition(job, "Complete", "SuccessCriteriaMet") if job else None
+    failed = _job_condition(job, "Failed", "FailureTarget") if job else None
+    js = (job or {}).get("status") or {}
+    if js.get("startTime"):
+        tuning["startedAt"] = js["startTime"]
+
+    if done:
+        state = SUCCEEDED
+        tuning["finishedAt"] = js.get("completionTime") or done.get("lastTransitionTime") or now
+        result = _result(pods) or prev_tuning.get("output") if same_run else _result(pods)
+        if output_volume:
+            out = {"volume": (result or {}).get("outputDir") or (result or {}).get("volume") or ""}
+        else:
+            out = {k: v for k, v in (result or {}).items() if k in ("image", "digest")}
+        tuning["output"] = out
+        res = condition("ResourceReady", True, "ResourceReady", "the run had the GPU node it needed")
+        started = condition("JobStarted", True, "JobStarted", f"job {tuning['jobName']} ran")
+        ws = condition("WorkspaceSucceeded", True, "Succeeded",
+                       f"the adapter is ready{': ' + out['image'] if out.get('image') else ''}")
+    elif failed:
+        state = FAILED
+        tuning["finishedAt"] = failed.get("lastTransitionTime") or now
+        failure = _failure(job, pods)
+        tuning["failure"] = failure
+        res = condition("ResourceReady", True if any(_scheduled(p) for p in pods) else False,
+                        "ResourceReady" if any(_scheduled(p) for p in pods) else failure["reason"],
+                        "the run had a GPU node" if any(_scheduled(p) for p in pods) else failure["message"])
+        started = condition("JobStarted", any(_started(p) for p in pods),
+                            "JobStarted" if any(_started(p) for p in pods) else failure["reason"],
+                            f"job {tuning['jobName']} ran" if any(_started(p) for p in pods) else failure["message"])
+        ws = condition("WorkspaceSucceeded", False, failure["reason"], failure["message"])
+    elif job is None:
+        state = PENDING
+        reason, msg = (blocker["reason"], blocker["message"]) if blocker else ("JobPending", "creating the tuning job")
+        if node_ready is False and not blocker:
+            reason, msg = "NodeClaimNotReady", conds[0]["message"]
+        res = condition("ResourceReady", False if blocker or node_ready is False else "Unknown", reason, msg)
+        started = condition("JobStarted", False, reason, msg)
+        ws = condition("WorkspaceSucceeded", False, reason, msg)
+    else:
+        retries = js.get("failed") or 0
+        limit = (job.get("spec") or {}).get("backoffLimit")
+        stuck = pod_blocker(latest) if latest is not None else None
+        is_running = latest is not None and (latest.get("status") or {}).get("phase") == "Running"
+        state = RUNNING if is_running else PENDING
+        scheduled = latest is not None and _scheduled(latest)
+        if scheduled:
+            res = condition("ResourceReady", True, "ResourceReady", f"pod {latest['metadata']['name']} is on a node")
+        elif stuck and stuck["reason"] == "Unschedulable":
+            res = condition("ResourceReady", False, "Unschedulable", stuck["message"])
+        else:
+            res = condition("ResourceReady", "Unknown", "WaitingForNode", "waiting for the pod to be scheduled")
+        if is_running:
+            started = condition("JobStarted", True, "JobStarted", f"job {tuning['jobName']} is running")
+            msg = "training" + (f": step {prog['step']}/{prog.get('totalSteps', '?')}" if prog and "step" in prog else "")
+            ws = condition("WorkspaceSucceeded", False, "Running", msg)
+        else:
+            reason, msg = (stuck["reason"], stuck["message"]) if stuck else ("JobPending", "the tuning pod has not started yet")
+            started = condition("JobStarted", False, reason, msg)
+            ws = condition("WorkspaceSucceeded", False, reason, msg)
+        if retries:
+            last = _failure(job, pods)
+            note = (f"attempt {retries} of {(limit or 0) + 1} failed ({last['reason']}: {last['message']}); "
+                    "retrying")
+            tuning["lastAttemptFailure"] = last
+            ws["message"] = f"{ws['message']}; {note}"
+    if prog and state in (RUNNING, SUCCEEDED, FAILED):
+        tuning["progress"] = prog
+    conds += [res, started, ws]
+    return {
+        "state": state,
+        "targetNodeCount": 1,
+        "conditions": merge_conditions(previous.get("conditions"), conds, generation, now),
+        "tuning": tuning,
+    }
+
+
+def _failure(job: dict, pods: list[dict]) -> dict:
+    """Why the run (or its last attempt) failed: the newest failed pod's container, else the Job's condition."""
+    for pod in sorted(pods, key=_created, reverse=True):
+        if (f := container_failure(pod)):
+            return f
+    for pod in sorted(pods, key=_created, reverse=True):
+        if (b := pod_blocker(pod)):
+            return {"reason": b["reason"], "message": b["message"], **({"container": b["container"]} if "container" in b else {})}
+    c = _job_condition(job, "Failed", "FailureTarget") or {}
+    reason = c.get("reason") or "JobFailed"
+    msg = c.get("message") or "the tuning job failed"
+    if reason == "DeadlineExceeded":
+        msg = f"the run took longer than activeDeadlineSeconds ({(job.get('spec') or {}).get('activeDeadlineSeconds')}s)"
+    return {"reason": reason, "message": msg}
+
+
+def nodeclaim_ready(nodeclaim: dict | None) -> tuple[bool, str, str]:
+    """(ready, reason, message) of a Karpenter NodeClaim."""
+    if nodeclaim is None:
+        return False, "NodeClaimPending", "creating the NodeClaim"
+    name = nodeclaim["metadata"]["name"]
+    conds = {c.get("type"): c for c in (nodeclaim.get("status") or {}).get("conditions") or []}
+    ready = conds.get("Ready")
+    if ready and ready.get("status") == "True":
+        return True, "NodeClaimReady", f"NodeClaim {name} is ready"
+    for t in ("Launched", "Registered", "Initialized", "Ready"):
+        c = conds.get(t)
+        if c and c.get("status") == "False":
+            return False, c.get("reason") or "NodeClaimNotReady", f"NodeClaim {name}: {c.get('message') or t + ' is False'}"
+    return False, "NodeClaimNotReady", f"NodeClaim {name} is not ready yet"
+
+
+# ------------------------------------------------------------------ inference status
+
+def inference_status(previous: dict | None, *, generation: int | None, deployment: dict | None,
+                     pods: list[dict], blocker: dict | None = None, now: str | None = None) -> dict:
+    now = now or now_iso()
+    previous = previous or {}
+    st = (deployment or {}).get("status") or {}
+    want = ((deployment or {}).get("spec") or {}).get("replicas", 1)
+    ready = deployment is not None and (st.get("readyReplicas") or 0) >= max(want, 1) and \
+        st.get("observedGeneration", 0) >= (deployment.get("metadata") or {}).get("generation", 0)
+    pods = sorted(pods, key=_created)
+    stuck = None
+    for p in reversed(pods):
+        stuck = container_failure(p) or pod_blocker(p)
+        if stuck:
+            break
+    if blocker:
+        res = condition("ResourceReady", False, blocker["reason"], blocker["message"])
+        inf = condition("InferenceReady", False, blocker["reason"], blocker["message"])
+    elif ready:
+        res = condition("ResourceReady", True, "ResourceReady", "the server pods are on GPU nodes")
+        inf = condition("InferenceReady", True, "InferenceReady", f"{st.get('readyReplicas')} server(s) ready")
+    else:
+        scheduled = any(_scheduled(p) for p in pods)
+        if scheduled:
+            res = condition("ResourceReady", True, "ResourceReady", "the server pods are on GPU nodes")
+        elif stuck and stuck["reason"] == "Unschedulable":
+            res = condition("ResourceReady", False, "Unschedulable", stuck["message"])
+        else:
+            res = condition("ResourceReady", "Unknown", "WaitingForNode", "waiting for the server pod to be scheduled")
+        reason, msg = (stuck["reason"], stuck["message"]) if stuck else ("ServerStarting", "the server is not ready yet")
+        inf = condition("InferenceReady", False, reason, msg)
+    return {
+        "state": READY if ready and not blocker else NOT_READY,
+        "targetNodeCount": want,
+        "conditions": merge_conditions(previous.get("conditions"), [res, inf], generation, now),
+    }
