@@ -496,17 +496,24 @@ class _Registry:
         return manifest, digest
 
     def download_blob(self, digest: str, dest: Path) -> None:
-        """Stream a blob to ``dest`` and check its digest."""
-        resp = self.request("GET", self._repo(f"blobs/{digest}"), what=f"download of {digest[:19]}", ok=(200,),
-                            stream=True)
-        h = hashlib.sha256()
-        try:
-            with open(dest, "wb") as f:
-                for chunk in resp.iter_content(_CHUNK):
-                    h.update(chunk)
-                    f.write(chunk)
-        except requests.RequestException as e:
-            raise RegistryUnreachable(f"download of {digest} from {self.host} broke off: {_short(e)}") from None
+        """Stream a blob to ``dest`` and check its digest; a download that breaks off is started again."""
+        for attempt in range(self.retries + 1):
+            resp = self.request("GET", self._repo(f"blobs/{digest}"), what=f"download of {digest[:19]}", ok=(200,),
+                                stream=True)
+            h = hashlib.sha256()
+            try:
+                with open(dest, "wb") as f:
+                    for chunk in resp.iter_content(_CHUNK):
+                        h.update(chunk)
+                        f.write(chunk)
+                break
+            except requests.RequestException as e:
+                if attempt == self.retries:
+                    raise RegistryUnreachable(f"download of {digest} from {self.host} broke off {attempt + 1} "
+                                              f"times: {_short(e)}") from None
+                _sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+            finally:
+                resp.close()
         if f"sha256:{h.hexdigest()}" != digest:
             raise RegistryError(f"blob {digest} from {self.host} arrived with a different digest; try again")
 

@@ -245,6 +245,16 @@ def test_transient_5xx_is_retried_and_the_push_succeeds(fake_adapter, registry, 
         (fake_adapter / "adapter_model.safetensors").read_bytes()
 
 
+def test_a_download_that_breaks_off_is_started_again(fake_adapter, registry, no_sleep, tmp_path):
+    pushed = _push(fake_adapter, registry, "flaky/cut:1")
+    with _FlakyProxy(registry.url, truncate=True) as proxy:
+        pulled = oci.pull_adapter(f"{proxy.host}/flaky/cut:1", tmp_path / "out", plain_http=True,
+                                  auth={"auths": {proxy.host: {"username": REGISTRY_USER, "password": REGISTRY_PASSWORD}}})
+    assert pulled.digest == pushed.digest and no_sleep == [1.0]
+    assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
+        (fake_adapter / "adapter_model.safetensors").read_bytes()
+
+
 def test_persistent_5xx_gives_up_with_the_status(no_sleep, tmp_path):
     with _FlakyProxy(None) as proxy:
         with pytest.raises(oci.RegistryError, match=f"registry {proxy.host} answered 503 .* 4 times"):
@@ -253,9 +263,12 @@ def test_persistent_5xx_gives_up_with_the_status(no_sleep, tmp_path):
 
 
 class _FlakyProxy:
-    """Forwards to ``upstream``, answering 503 to the first try of each (method, path); always 503 if None."""
+    """Forwards to ``upstream``, answering 503 to the first try of each (method, path); always 503 if None.
 
-    def __init__(self, upstream: str | None):
+    With ``truncate``, the first try of each blob download is forwarded but cut off halfway instead.
+    """
+
+    def __init__(self, upstream: str | None, *, truncate: bool = False):
         seen: set = set()
 
         class Handler(BaseHTTPRequestHandler):
@@ -265,6 +278,9 @@ class _FlakyProxy:
             def _handle(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 key = (self.command, self.path.split("?")[0])
+                cut = truncate and key not in seen and self.command == "GET" and "/blobs/" in self.path
+                if truncate and not cut:
+                    seen.add(key)
                 if upstream is None or key not in seen:
                     seen.add(key)
                     self.send_response(503)
@@ -280,7 +296,11 @@ class _FlakyProxy:
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(resp.content)))
                 self.end_headers()
-                if self.command != "HEAD":
+                if cut:
+                    seen.add(key)
+                    self.wfile.write(resp.content[:len(resp.content) // 2])
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(resp.content)
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = _handle
