@@ -62,7 +62,12 @@ def _pull(p):
 def _adapters(p):
     p.add_argument("--preset", default=None, help="preset model (default: smollm2-135m-instruct)")
     p.add_argument("--adapter", action="append", default=[], metavar="IMAGE_OR_DIR[=STRENGTH]",
-                   help="adapter directory or image; repeat for several")
+                   help="adapter directory or image (registry/repository:tag), strength 0.0-1.0 (default 1.0); "
+                        "each adapter is served as its own model, named after its directory or repository; "
+                        "repeat for several (at most 10)")
+    p.add_argument("--adapters-dir", default=None, metavar="DIR",
+                   help="also serve every adapter directory under DIR (Kaito's /mnt/adapter layout; strength from "
+                        "the environment variable named like the adapter)")
     p.add_argument("--auth-file", default=None, help="docker config.json for adapter images")
     p.add_argument("--plain-http", action="store_true", help="plain HTTP for adapter images")
     p.add_argument("--model-dir", default=None, help="use base-model weights from this directory")
@@ -72,18 +77,19 @@ def _chat(p):
     _adapters(p)
     p.add_argument("prompt", help="what to ask")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy, the same answer every time")
+    p.add_argument("--compare", action="store_true", help="also print the base model's answer")
 
 
 def _serve(p):
     _adapters(p)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=5000)
 
 
 def _demo(p):
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: enough to learn the task)")
-    p.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: enough to learn the facts)")
+    p.add_argument("--workdir", default=None, help="keep files here (default: a temporary directory, removed)")
 
 
 def _operator(p):
