@@ -329,7 +329,8 @@ class _Registry:
 
         ``body`` is bytes, a form dict, or a Path opened afresh for each try.
         """
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             sent = dict(headers or {})
             if auth_header and self._authorization:
                 sent["Authorization"] = self._authorization
@@ -339,12 +340,14 @@ class _Registry:
             except requests.exceptions.SSLError as e:
                 raise RegistryUnreachable(
                     f"TLS handshake with registry {self.host} failed ({_short(e)}); for a local registry "
-                    "without TLS pass --plain-http (plain HTTP is never used unless asked for)") from None
+                    "without TLS pass --plain-http (plain HTTP is never used unless asked for); for a private "
+                    "CA set REQUESTS_CA_BUNDLE") from None
             except (requests.ConnectionError, requests.Timeout) as e:
                 if attempt == self.retries:
                     raise RegistryUnreachable(f"cannot reach registry {self.host} at {self.base} "
                                               f"({_short(e)}); tried {attempt + 1} times") from None
-                _sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+                _sleep(_backoff(attempt))
+                attempt += 1
                 continue
             finally:
                 if hasattr(data, "close"):
@@ -354,14 +357,13 @@ class _Registry:
                     raise RegistryError(f"registry {self.host} answered {resp.status_code} {resp.reason} to "
                                         f"{what} {attempt + 1} times: {_error_text(resp)}")
                 retry_after = resp.headers.get("Retry-After", "")
-                delay = float(retry_after) if retry_after.isdigit() else _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
                 resp.close()
-                _sleep(min(delay, 30.0))
+                _sleep(min(float(retry_after), 30.0) if retry_after.isdigit() else _backoff(attempt))
+                attempt += 1
                 continue
             if resp.status_code == 400 and self.plain_http and "HTTPS" in resp.text:
                 raise RegistryUnreachable(f"registry {self.host} speaks HTTPS; drop --plain-http")
             return resp
-        raise AssertionError("unreachable")
 
     def request(self, method: str, path: str, *, what: str, ok: tuple[int, ...], **kw) -> requests.Response:
         """A request to the registry API (path or absolute URL); re-authenticates once on 401."""
@@ -511,7 +513,7 @@ class _Registry:
                 if attempt == self.retries:
                     raise RegistryUnreachable(f"download of {digest} from {self.host} broke off {attempt + 1} "
                                               f"times: {_short(e)}") from None
-                _sleep(_BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)])
+                _sleep(_backoff(attempt))
             finally:
                 resp.close()
         if f"sha256:{h.hexdigest()}" != digest:
@@ -529,6 +531,10 @@ def _short(e: Exception) -> str:
 
 def _sleep(seconds: float) -> None:  # a seam for tests
     time.sleep(seconds)
+
+
+def _backoff(attempt: int) -> float:
+    return _BACKOFF_S[min(attempt, len(_BACKOFF_S) - 1)]
 
 
 def _client(image: str, *, auth_file, auth, plain_http: bool, push: bool, timeout: float,
