@@ -318,8 +318,9 @@ class Reconciler:
             if current is None:
                 self._create_ignoring_conflict(lambda: self.apps.create_namespaced_deployment(ns, want))
             elif (current.metadata.annotations or {}).get(m.ANNOTATION_SPEC_HASH) != m.spec_hash(ws):
-                want["metadata"]["resourceVersion"] = current.metadata.resource_version
-                self.apps.replace_namespaced_deployment(name, ns, want)  # a new template rolls the pods
+                # a merge patch replaces lists whole (containers, volumes); the new template rolls the pods
+                self.apps.patch_namespaced_deployment(name, ns, {"metadata": want["metadata"], "spec": want["spec"]},
+                                                      _content_type="application/merge-patch+json")
             svc = m.inference_service(ws)
             kopf.adopt(svc, owner=obj)
             self._create_ignoring_conflict(lambda: self.core.create_namespaced_service(ns, svc))

@@ -312,7 +312,7 @@ async def test_inference_workspace_gets_deployment_and_service(kmock, kubeconfig
         assert svc["spec"]["ports"][0]["port"] == 80
         init = dep["spec"]["template"]["spec"]["initContainers"]
         assert init[0]["args"][:3] == ["pull", "myregistry.azurecr.io/adapters/phi-3-dolly:0.0.1", "/mnt/adapter/dolly"]
-        st = await eventually(lambda: status(kmock).get("conditions") and status(kmock, name))
+        st = await eventually(lambda: status(kmock, name).get("conditions") and status(kmock, name))
         assert cond(st, "InferenceReady")["status"] == "False"
         d["inference"]["adapters"][0]["strength"] = "0.5"
         await apply(d)
