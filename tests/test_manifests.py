@@ -1,0 +1,153 @@
+"""Manifests from pure functions: valid for Kubernetes 1.33 (strict) and true to the Job contract."""
+
+from __future__ import annotations
+
+import glob
+import json
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from kaito_tuning import cli, manifests
+from kaito_tuning.api import load_workspace
+from kaito_tuning.config import load_config
+from kaito_tuning.loader import load_documents, split_documents
+from kaito_tuning.settings import Settings
+
+K8S = "1.33.0"
+EXAMPLES = sorted(glob.glob("examples/*/*.yaml"))
+
+
+def workspace(path: str, namespace: str = "team-a"):
+    ws_docs, cms, _ = split_documents(load_documents(path))
+    obj = ws_docs[0]
+    obj["metadata"]["namespace"] = namespace
+    ws = load_workspace(obj)
+    cfg = None
+    if ws.tuning and ws.tuning.config and ws.tuning.config in cms:
+        cfg = load_config(cms[ws.tuning.config]["data"]["training_config.yaml"], ws.tuning.method)
+    return ws, cfg
+
+
+@pytest.mark.parametrize("path", EXAMPLES)
+@pytest.mark.parametrize("settings", [Settings(), Settings(checkpoint_storage=True, checkpoint_storage_class="fast",
+                                                           node_auto_provisioning=True)])
+def test_every_manifest_is_valid(path, settings):
+    ws, cfg = workspace(path)
+    objs = manifests.render(ws, settings, cfg)
+    assert objs
+    for obj in objs:
+        if obj["kind"] == "NodeClaim":  # a CRD: no schema in kubernetes-validate
+            assert obj["spec"]["requirements"][0]["values"] == [ws.resource.instance_type]
+            continue
+        kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def _pod(job):
+    return job["spec"]["template"]["spec"]
+
+
+def _all(pod):
+    return pod.get("initContainers", []) + pod["containers"]
+
+
+def test_quick_start_job_follows_the_contract():
+    ws, _ = workspace("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml")
+    job = manifests.tuning_job(ws, Settings(job_backoff_limit=2, job_active_deadline_seconds=3600),
+                               load_config(None, "qlora"), revision=3)
+    kubernetes_validate.validate(job, K8S, strict=True)
+    spec, pod = job["spec"], _pod(job)
+    assert spec["backoffLimit"] == 2 and spec["activeDeadlineSeconds"] == 3600
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [65, 66]}}
+    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert job["metadata"]["labels"]["kaito.sh/workspace"] == "workspace-tuning-phi-3"
+    assert job["metadata"]["annotations"]["kaito.sh/revision"] == "3"
+    assert [c["name"] for c in pod["initContainers"]] == ["download", "tuner"]
+    assert [c["name"] for c in pod["containers"]] == ["push"]
+    for c in _all(pod):
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        assert json.loads(env["KAITO_WORKSPACE"])["tuning"]["method"] == "qlora"
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
+    tuner = pod["initContainers"][1]
+    assert tuner["resources"]["limits"]["nvidia.com/gpu"] == "1"  # Standard_NC6s_v3: one V100
+    assert tuner["ports"][0]["containerPort"] == 5000
+    mounts = {m["mountPath"]: m for m in tuner["volumeMounts"]}
+    assert mounts["/mnt/config"]["readOnly"] and "/dev/shm" in mounts and "/mnt/results" in mounts
+    push_mounts = [m["name"] for m in pod["containers"][0]["volumeMounts"]]
+    assert "push-secret" in push_mounts
+    assert all("push-secret" not in [m["name"] for m in c["volumeMounts"]] for c in pod["initContainers"])
+    assert pod["securityContext"]["runAsNonRoot"] and pod["restartPolicy"] == "Never"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+    assert term["matchExpressions"] == [{"key": "app", "operator": "In", "values": ["tuning-phi-3"]}]
+
+
+def test_gpus_affinity_and_pull_secrets_only_in_download():
+    obj = yaml.safe_load(open("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"))
+    obj["resource"]["instanceType"] = "Standard_NC24s_v3"  # 4 GPUs
+    obj["resource"]["labelSelector"]["matchExpressions"] = [{"key": "zone", "operator": "NotIn", "values": ["z1"]},
+                                                           {"key": "gpu", "operator": "Exists"}]
+    obj["tuning"]["input"] = {"image": "registry.example.com/data:1", "imagePullSecrets": ["data-pull"]}
+    ws = load_workspace(obj)
+    job = manifests.tuning_job(ws, Settings(), load_config(None, "qlora"))
+    kubernetes_validate.validate(job, K8S, strict=True)
+    pod = _pod(job)
+    tuner = next(c for c in _all(pod) if c["name"] == "tuner")
+    assert tuner["resources"]["requests"]["nvidia.com/gpu"] == "4" == tuner["resources"]["limits"]["nvidia.com/gpu"]
+    exprs = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"]
+    assert {"key": "zone", "operator": "NotIn", "values": ["z1"]} in exprs and {"key": "gpu", "operator": "Exists"} in exprs
+    for c in _all(pod):
+        has = any(m["name"] == "pull-secrets" for m in c["volumeMounts"])
+        assert has == (c["name"] == "download"), c["name"]
+
+
+def test_volume_output_has_no_push_step_and_tuner_is_main():
+    ws, _ = workspace("examples/fine-tuning/kaito_workspace_tuning_phi_3_with_pvc_volume.yaml")
+    job = manifests.tuning_job(ws, Settings(), load_config(None, "lora"))
+    pod = _pod(job)
+    assert [c["name"] for c in pod["containers"]] == ["tuner"] and pod["initContainers"] == []
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["data"]["persistentVolumeClaim"]["claimName"] == "dolly-dataset"
+    assert vols["results"]["persistentVolumeClaim"]["claimName"] == "phi-3-adapter"
+
+
+def test_spec_change_changes_the_hash():
+    ws, _ = workspace("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml")
+    h = manifests.spec_hash(ws)
+    ws.tuning.input.urls = ["https://example.com/x.parquet"]
+    assert manifests.spec_hash(ws) != h
+
+
+def test_inference_deployment_pulls_adapters_and_serves():
+    ws, _ = workspace("examples/inference/kaito_workspace_phi_3_with_adapters.yaml")
+    dep = manifests.inference_deployment(ws, Settings(tuner_image="t:1"))
+    pod = dep["spec"]["template"]["spec"]
+    init = pod["initContainers"][0]
+    assert init["args"] == ["pull", "myregistry.azurecr.io/adapters/phi-3-dolly:0.0.1", "/mnt/adapter/dolly",
+                            "--auth-file", "/mnt/pull-secrets/myregistry-pull.json"]
+    server = pod["containers"][0]
+    assert server["args"] == ["serve", "--preset", "phi-3-mini-128k-instruct", "--adapter", "/mnt/adapter/dolly=1.0",
+                              "--host", "0.0.0.0", "--port", "5000"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert all(m["name"] != "pull-dolly" for m in server["volumeMounts"])  # pull secret only in the puller
+    svc = manifests.inference_service(ws)
+    assert svc["spec"]["ports"][0]["port"] == 80
+
+
+def test_render_cli(capsys):
+    rc = cli.main(["render", "examples/fine-tuning/kaito_workspace_tuning_phi_3_with_configmap.yaml", "-n", "ml"])
+    assert rc == 0
+    out = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    job = next(d for d in out if d["kind"] == "Job")
+    assert job["metadata"]["namespace"] == "ml"
+    assert {v["name"]: v for v in _pod(job)["volumes"]}["config"]["configMap"]["name"] == "phi-3-qlora-params"
+
+
+def test_render_cli_bad_file(tmp_path, capsys):
+    p = tmp_path / "x.yaml"
+    p.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    assert cli.main(["render", str(p)]) == 65
+    assert "holds no Workspace" in capsys.readouterr().err
