@@ -1,0 +1,101 @@
+"""Admission: the validator refuses bad workspaces, directly and through kopf's webhook server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+
+import pytest
+import yaml
+from fixtures_k8s import Emulator, running_operator
+
+from kaito_tuning.admission import review
+from kaito_tuning.settings import Settings
+
+QUICK = "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
+
+
+def quick():
+    return yaml.safe_load(open(QUICK))
+
+
+def test_valid_workspace_is_admitted():
+    assert review(quick(), None, "CREATE", deny_private_urls=True) == []
+
+
+def test_method_change_is_refused_on_update():
+    new = quick()
+    new["tuning"]["method"] = "lora"
+    problems = review(new, quick(), "UPDATE", deny_private_urls=False)
+    assert [p.path for p in problems] == ["tuning.method"]
+    assert "immutable" in problems[0].message
+
+
+def test_bad_spec_gets_the_validator_messages():
+    bad = quick()
+    bad["tuning"]["method"] = "full"
+    bad["resource"]["instanceType"] = "Standard_D4s_v3"
+    paths = {p.path for p in review(bad, None, "CREATE", deny_private_urls=False)}
+    assert {"tuning.method", "resource.instanceType"} <= paths
+
+
+def test_private_urls_refused_only_when_the_setting_says_so():
+    ws = quick()
+    ws["tuning"]["input"]["urls"] = ["http://169.254.169.254/latest/meta-data"]
+    assert review(ws, None, "CREATE", deny_private_urls=False) == []
+    problems = review(ws, None, "CREATE", deny_private_urls=True)
+    assert problems and problems[0].path == "tuning.input.urls[0]"
+
+
+def test_named_configmap_is_validated_when_readable():
+    ws = quick()
+    ws["tuning"]["config"] = "mine"
+    text = "training_config:\n  LoraConfig:\n    rank: 8\n"
+    problems = review(ws, None, "CREATE", deny_private_urls=False, read_config=lambda ns, name: text)
+    assert any("LoraConfig.rank" in p.path and "'r'" in p.message for p in problems)
+    assert review(ws, None, "CREATE", deny_private_urls=False, read_config=lambda ns, name: None) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _review_request(obj, old, operation):
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u1", "kind": {"group": "kaito.sh", "version": "v1beta1", "kind": "Workspace"},
+                        "resource": {"group": "kaito.sh", "version": "v1beta1", "resource": "workspaces"},
+                        "requestKind": {"group": "kaito.sh", "version": "v1beta1", "kind": "Workspace"},
+                        "requestResource": {"group": "kaito.sh", "version": "v1beta1", "resource": "workspaces"},
+                        "name": obj["metadata"]["name"], "namespace": "default", "operation": operation,
+                        "userInfo": {"username": "u"}, "object": obj, "oldObject": old, "dryRun": False,
+                        "options": None}}
+
+
+def _post(url, payload):
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.kmock(cls=Emulator)
+@pytest.mark.timeout(60)
+async def test_through_kopfs_webhook_server(kmock, kubeconfig):
+    port = _free_port()
+    async with running_operator(Settings(webhook_port=port)):
+        url = f"http://127.0.0.1:{port}/validate-v1beta1"
+        for _ in range(100):  # the server starts with the operator
+            try:
+                ok = await asyncio.to_thread(_post, url, _review_request(quick(), None, "CREATE"))
+                break
+            except OSError:
+                await asyncio.sleep(0.1)
+        assert ok["response"]["allowed"] is True
+        new = quick()
+        new["tuning"]["method"] = "lora"
+        res = await asyncio.to_thread(_post, url, _review_request(new, quick(), "UPDATE"))
+        assert res["response"]["allowed"] is False
+        assert "tuning.method" in res["response"]["status"]["message"]
