@@ -158,12 +158,12 @@ current-context: kmock
     return path
 
 
-async def kubectl(*args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+async def kubectl(*args: str, input: str | None = None, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
     """Run the machine's kubectl in a thread (kmock serves on this loop); ``apply`` gets --validate=false."""
     argv = ["kubectl", *args]
     if args and args[0] in ("apply", "create", "replace"):
         argv.append("--validate=false")
-    proc = await asyncio.to_thread(subprocess.run, argv, input=input, capture_output=True, text=True, timeout=60,
+    proc = await asyncio.to_thread(subprocess.run, argv, input=input, capture_output=True, text=True, timeout=timeout,
                                    env=dict(os.environ))
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
