@@ -55,7 +55,8 @@ def _push(p):
 def _pull(p):
     p.add_argument("image", metavar="IMAGE", help="registry/repository:tag or @digest")
     p.add_argument("dir", metavar="DIR", help="directory to write the adapter to")
-    p.add_argument("--auth-file", default=None, help="docker config.json")
+    p.add_argument("--auth-file", default=None,
+                   help="docker config.json, or a folder of them (several pull secrets: the first entry per registry wins)")
     p.add_argument("--plain-http", action="store_true", help="plain HTTP (only for local registries)")
 
 

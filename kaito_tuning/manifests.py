@@ -312,11 +312,11 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
             pull_args = ["pull", src.image, path]
             mounts = [{"name": vol, "mountPath": path}, _TMP_MOUNT]
             if src.image_pull_secrets:
-                # `kaito-tuning pull` takes one docker config: the first secret is used
+                # every secret as <secret>.json in one folder; `pull --auth-file FOLDER` merges them
                 secret_vol = f"pull-{src.name}"
-                volumes.append(_docker_config_volume(secret_vol, src.image_pull_secrets[:1]))
+                volumes.append(_docker_config_volume(secret_vol, src.image_pull_secrets))
                 mounts.append({"name": secret_vol, "mountPath": PULL_SECRETS_DIR, "readOnly": True})
-                pull_args += ["--auth-file", f"{PULL_SECRETS_DIR}/{src.image_pull_secrets[0]}.json"]
+                pull_args += ["--auth-file", PULL_SECRETS_DIR]
             init_containers.append(_container(f"pull-{src.name}", image, pull_args, list(_COMMON_ENV), mounts))
         server_mounts.append({"name": vol, "mountPath": path, "readOnly": True})
     args += ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]

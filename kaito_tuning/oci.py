@@ -199,6 +199,8 @@ def load_auth(auth_file: str | os.PathLike | None = None, auth: dict | None = No
     """
     if auth is None and auth_file is None:
         return None, "no credentials"
+    if auth is None and Path(auth_file).is_dir():
+        return _load_auth_dir(Path(auth_file))
     source = str(auth_file) if auth is None else "the auth config"
     if auth is None:
         try:
@@ -228,6 +230,20 @@ def load_auth(auth_file: str | os.PathLike | None = None, auth: dict | None = No
     if not isinstance(auths, dict):
         raise InvalidAuthFile(f"{source}: \"auths\" must be a map of registry host to credentials")
     return auths, source
+
+
+def _load_auth_dir(folder: Path) -> tuple[dict, str]:
+    """Every ``*.json`` (or ``.dockerconfigjson``) in ``folder`` merged, in name order; the first
+    file with an entry for a registry wins. This is how several imagePullSecrets reach one pull."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix == ".json" or p.name == ".dockerconfigjson"))
+    if not files:
+        raise InvalidAuthFile(f"auth folder {folder} holds no .json files")
+    merged: dict = {}
+    for f in files:
+        auths, _ = load_auth(f)
+        for host, entry in auths.items():
+            merged.setdefault(host, entry)
+    return merged, f"the auth files in {folder}"
 
 
 def _secret_config(secret: dict, source: str) -> dict:

@@ -127,7 +127,7 @@ def test_inference_deployment_pulls_adapters_and_serves():
     pod = dep["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert init["args"] == ["pull", "myregistry.azurecr.io/adapters/phi-3-dolly:0.0.1", "/mnt/adapter/dolly",
-                            "--auth-file", "/mnt/pull-secrets/myregistry-pull.json"]
+                            "--auth-file", "/mnt/pull-secrets"]
     server = pod["containers"][0]
     assert server["args"] == ["serve", "--preset", "phi-3-mini-128k-instruct", "--adapter", "/mnt/adapter/dolly=1.0",
                               "--host", "0.0.0.0", "--port", "5000"]

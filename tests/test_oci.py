@@ -531,3 +531,22 @@ def test_pull_through_a_multi_platform_index_takes_linux_amd64(fake_adapter, reg
                      plain_http=True)
     assert (tmp_path / "out" / "adapter_model.safetensors").read_bytes() == \
         (fake_adapter / "adapter_model.safetensors").read_bytes()
+
+
+def test_auth_folder_merges_several_pull_secrets(tmp_path):
+    """Several imagePullSecrets are mounted as one folder of <secret>.json files; the first entry per registry wins."""
+    import base64
+    import json
+
+    from kaito_tuning.oci import credentials_for, load_auth
+
+    def entry(user):
+        return {"auth": base64.b64encode(f"{user}:pw".encode()).decode()}
+
+    (tmp_path / "a.json").write_text(json.dumps({"auths": {"reg.example.com": entry("first")}}))
+    (tmp_path / "b.json").write_text(json.dumps({"auths": {"reg.example.com": entry("second"),
+                                                           "other.example.com": entry("other")}}))
+    auths, source = load_auth(tmp_path)
+    assert set(auths) == {"reg.example.com", "other.example.com"}
+    assert credentials_for(auths, "reg.example.com", source).username == "first"
+    assert credentials_for(auths, "other.example.com", source).username == "other"
