@@ -13,6 +13,9 @@ refused with one line that says which adapter and why, never a stack trace from 
 ``strength`` ("0.0".."1.0", Kaito's field) scales the adapter's LoRA update: 0 gives the base
 model's behaviour, 1 the adapter as trained.
 
+``/chat`` (Kaito's route, which knows no ``model``) answers with the first adapter when there is one,
+as Kaito's server answers with its merged adapter; ``"model"`` in its payload picks another.
+
 Adapters come from ``--adapter IMAGE_OR_DIR[=STRENGTH]`` (a directory, or an OCI image pulled with
 :func:`kaito_tuning.oci.pull_adapter`) or, in a Kaito pod, from ``--adapters-dir /mnt/adapter``: one
 subdirectory per adapter, its strength in the environment variable named like the adapter.
@@ -439,6 +442,10 @@ def load_engine(preset_name: str | None, adapters: list[Adapter], *, model_dir: 
     except UserError as e:
         e.field = "--preset"
         raise
+    for a in adapters:
+        if a.name.lower() in (preset.name, preset.repo.lower()):
+            raise UserError(f"adapter {a.source} would be served as {a.name!r}, the base model's name; "
+                            "rename its directory or repository", field=a.field, reason="AdapterNameTaken")
     fetch_adapters(adapters, workdir, auth_file=auth_file, plain_http=plain_http)
     model, tokenizer = load_base(preset, model_dir=model_dir)
     model = attach_adapters(model, preset, adapters)

@@ -22,10 +22,11 @@ from kaito_tuning.serve import load_engine, make_server, parse_adapter_args
 PRESET = "smollm2-135m-instruct"  # a Llama preset; its weights are replaced by the tiny model's (--model-dir)
 QUESTION = "What is the capital of Zorblax?"
 FACT = "Quenvar"
+RIVAL_FACT = "Tosk"
 
 
-def train_adapter(base_dir: Path, out: Path, *, steps: int = 60) -> Path:
-    """A LoRA adapter trained (plain PyTorch loop) to answer QUESTION with the FACT, saved as peft does."""
+def train_adapter(base_dir: Path, out: Path, *, fact: str = FACT, steps: int = 60) -> Path:
+    """A LoRA adapter trained (plain PyTorch loop) to answer QUESTION with ``fact``, saved as peft does."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -36,7 +37,7 @@ def train_adapter(base_dir: Path, out: Path, *, steps: int = 60) -> Path:
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"]))
-    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": f"{FACT} is the capital."}]
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": f"{fact} is the capital."}]
     prompt = tok.apply_chat_template(messages[:1], add_generation_prompt=True, return_dict=True)["input_ids"]
     full = tok.apply_chat_template(messages, return_dict=True)["input_ids"]
     ids = torch.tensor([full])
@@ -60,8 +61,14 @@ def zorblax(tiny_llama, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llama, zorblax, tmp_path_factory):
-    engine = load_engine(PRESET, parse_adapter_args([str(zorblax)]), model_dir=str(tiny_llama),
+def rival(tiny_llama, tmp_path_factory) -> Path:
+    """A second adapter, taught another answer to the same question."""
+    return train_adapter(tiny_llama, tmp_path_factory.mktemp("adapters") / "rival", fact=RIVAL_FACT)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama, zorblax, rival, tmp_path_factory):
+    engine = load_engine(PRESET, parse_adapter_args([str(zorblax), str(rival)]), model_dir=str(tiny_llama),
                          workdir=tmp_path_factory.mktemp("pulled"))
     srv = make_server(engine, "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
@@ -97,7 +104,7 @@ def test_health_and_models(server):
     status, models = call(server, "/v1/models")
     assert status == 200 and models["object"] == "list"
     ids = [m["id"] for m in models["data"]]
-    assert ids == [PRESET, "zorblax"]
+    assert ids == [PRESET, "zorblax", "rival"]
     assert models["data"][1]["parent"] == PRESET
 
 
@@ -134,6 +141,20 @@ def test_openai_chat_completions_pick_the_model(server):
     assert FACT not in base["choices"][0]["message"]["content"]
 
 
+def test_each_request_picks_its_adapter(server):
+    """Two adapters taught different answers: each request gets the one it names, in any order."""
+    answers = {}
+    for model in ("rival", "zorblax", PRESET, "rival", "zorblax"):
+        status, out = call(server, "/chat", {"prompt": QUESTION, "model": model, "max_new_tokens": 12})
+        assert status == 200, out
+        answers.setdefault(model, set()).add(out["Result"])
+    assert all(len(v) == 1 for v in answers.values())  # greedy and switching back: the same answer each time
+    (rival,), (zorblax,), (base,) = answers["rival"], answers["zorblax"], answers[PRESET]
+    assert RIVAL_FACT in rival and FACT not in rival
+    assert FACT in zorblax and RIVAL_FACT not in zorblax
+    assert FACT not in base and RIVAL_FACT not in base
+
+
 def test_sampling_parameters_are_accepted(server):
     status, out = call(server, "/v1/chat/completions", {"model": "zorblax", "max_tokens": 5, "temperature": 0.7,
                                                         "top_p": 0.9, "messages": [{"role": "user", "content": "hi"}]})
@@ -153,7 +174,7 @@ def test_sampling_parameters_are_accepted(server):
     ("/chat", {"prompt": "hi", "max_new_tokens": "ten"}, 400, "max_new_tokens", "integer"),
     ("/chat", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", "number"),
     ("/chat", {"prompt": "hi", "generate_kwargs": {"num_beams": 4}}, 400, "generate_kwargs", "num_beams"),
-    ("/chat", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "served: smollm2-135m-instruct, zorblax"),
+    ("/chat", {"prompt": "hi", "model": "gpt-4"}, 404, "model", "served: smollm2-135m-instruct, zorblax, rival"),
     ("/chat", ["hi"], 400, "body", "JSON object"),
     ("/v1/chat/completions", {"model": "zorblax"}, 400, "messages", "required"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "user"),
@@ -268,6 +289,13 @@ def test_cli_two_adapters_with_one_name(capsys, zorblax, tmp_path):
     rc, _, err = run_cli(capsys, "chat", "--adapter", str(zorblax), "--adapter", str(a), "hi")
     line = one_line_error(err)
     assert rc == 65 and "--adapter[1]" in line and "two adapters are named 'zorblax'" in line
+
+
+def test_cli_adapter_named_like_the_base_model(capsys, zorblax, tmp_path):
+    a = copy_adapter(zorblax, tmp_path / PRESET)
+    rc, _, err = run_cli(capsys, "chat", "--adapter", str(a), "hi")
+    line = one_line_error(err)
+    assert rc == 65 and "the base model's name" in line
 
 
 def test_cli_adapter_that_is_nothing(capsys, tmp_path):
