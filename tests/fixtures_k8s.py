@@ -10,7 +10,9 @@ client and kubectl all work against it:
 * lists carry ``kind: <Kind>List`` and ``apiVersion``;
 * ``kaito.sh/v1alpha1/workspaces`` is an alias of ``kaito.sh/v1beta1/workspaces`` (one object
   served through both versions, as the real API server does);
-* deleting an object deletes the objects whose ownerReferences name its uid (background GC).
+* deleting an object deletes the objects whose ownerReferences name its uid (background GC);
+* each request costs the same however many came before (see ``__iter__``), and fetches look the
+  object up by its key instead of scanning every stored object.
 
 Use it with ``pytestmark = pytest.mark.kmock(cls=Emulator)`` and the ``k8s`` fixture.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime
 import itertools
 import os
@@ -27,13 +30,15 @@ import uuid
 
 import kmock
 import pytest
-from kmock._internal import enums, references
+from kmock._internal import dsl, enums, references
 
 from kaito_tuning.crd import crd_manifest
 
 WORKSPACES = "kaito.sh/v1beta1/workspaces"
 _ALIASES = {("kaito.sh", "v1alpha1", "workspaces"): ("kaito.sh", "v1beta1", "workspaces")}
 _rv = itertools.count(1000)
+# the request whose reaction is being chosen, in the task that serves it (see Emulator.__iter__)
+_serving = contextvars.ContextVar("serving", default=None)
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -49,7 +54,31 @@ class Emulator(kmock.KubernetesEmulator):
             kind="NodeClaim", namespaced=False, subresources={"status"},
             verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
 
+    def __iter__(self):
+        """The requests the DSL's views see: while a request is served, only that one.
+
+        kmock chooses a reaction with ``request in reaction_source``, which replays every request
+        ever received through each reaction's filters: O(history) per request, quadratic over a
+        run (thousands of requests make each one take ~0.1 s). The filters judge one request at
+        a time, so while serving, the request alone gives the same answer. Slices (``kmock[...][:1]``)
+        depend on history: when any reaction has one, the full history is used as before. Outside
+        of serving (assertions in tests), the full history is seen.
+        """
+        current = _serving.get()
+        if current is not None:
+            yield current
+        else:
+            yield from super().__iter__()
+
     async def _handle(self, request):
+        history_dependent = any(True for payload in self._payloads for _ in payload._walk(dsl.Slicer))
+        token = _serving.set(None if history_dependent else request)
+        try:
+            return await self._handle_k8s(request)
+        finally:
+            _serving.reset(token)
+
+    async def _handle_k8s(self, request):
         res = request.resource
         if res is not None and (res.group, res.version, res.plural) in _ALIASES:
             # the request is a frozen attrs object; kmock's filters read this field
