@@ -157,6 +157,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         "quantization": quant or None, "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
         "packing": packing, "loss_mask": loss_mask, "data_formats": data.formats,
         "datasets": [{"name": f.name, "url": f.url, "sha256": f.sha256, "size": f.size} for f in data.files],
+        "dataset_digests": [f"sha256:{f.sha256}" for f in data.files],
         "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "resumed_from_step": resumed_step,
         "train_loss": train_loss, "initial_eval_loss": initial_eval, "eval_loss": final_eval,

@@ -209,3 +209,35 @@ def bad_server(datasets_dir):
     s = BadServer(datasets_dir["messages"].read_bytes())
     yield s
     s.close()
+
+
+def tuning_workspace(urls=None, *, name="tiny-tune", preset="phi-3-mini-4k-instruct", method="lora",
+                     config=None, image=None, volume=None, instance="Standard_NC24ads_A100_v4") -> dict:
+    """A valid tuning Workspace as a user writes it (URLs, an image or a volume as input)."""
+    inp = {"urls": list(urls)} if urls else ({"image": image} if image else {"volumeSource": volume})
+    tuning = {"preset": {"name": preset}, "method": method, "input": inp,
+              "output": {"volumeSource": {"emptyDir": {}}}}
+    if config:
+        tuning["config"] = config
+    return {"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": {"name": name},
+            "resource": {"instanceType": instance, "labelSelector": {"matchLabels": {"app": name}}},
+            "tuning": tuning}
+
+
+def training_configmap(name="tiny-config", *, method="lora", training=None, lora=None, dataset=None,
+                       quantization=None) -> dict:
+    """A ConfigMap with a small, fast training_config.yaml (tiny models, a few steps on a CPU)."""
+    import yaml
+
+    sections = {
+        "ModelConfig": {},
+        "QuantizationConfig": quantization if quantization is not None else (
+            {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+            if method == "qlora" else {"load_in_4bit": False}),
+        "LoraConfig": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, **(lora or {})},
+        "TrainingArguments": {"num_train_epochs": 1, "per_device_train_batch_size": 4, "max_length": 128,
+                              "learning_rate": 0.001, "logging_steps": 1, "save_steps": 50, **(training or {})},
+        "DatasetConfig": {"train_test_split": 0.8, **(dataset or {})},
+    }
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
+            "data": {"training_config.yaml": yaml.safe_dump({"training_config": sections}, sort_keys=False)}}

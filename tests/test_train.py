@@ -1,0 +1,196 @@
+"""The training recipe on tiny models (LoRA and QLoRA on CPU) and on SmolLM2 (slow)."""
+
+import json
+import sys
+
+import pytest
+
+from fixtures_data import messages_rows, training_configmap, write_parquet
+from kaito_tuning.config import load_config
+from kaito_tuning.dataset import prepare
+from kaito_tuning.download import collect_dir
+from kaito_tuning.errors import EXIT_USER_ERROR
+from kaito_tuning.train import (choose_loss_mask, completed_adapter, newest_checkpoint, publish, train,
+                                training_arguments)
+
+
+def config(method="lora", **kw):
+    return load_config(training_configmap(method=method, **kw)["data"]["training_config.yaml"], method)
+
+
+def data_dir(tmp_path, *sources):
+    d = tmp_path / "data"
+    d.mkdir()
+    for s in sources:
+        (d / s.name).write_bytes(s.read_bytes())
+    return d
+
+
+def generate_changes(model_dir, adapter_dir, quantized=False):
+    """The adapter loads with PeftModel, generates, and changes the model's output."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the favourite colour of Zorblax?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        before = base(**ids).logits
+    model = PeftModel.from_pretrained(base, adapter_dir)
+    out = model.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    with torch.no_grad():
+        after = model(**ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_lora_on_chat_data_trains_assistant_tokens_only(tiny_phi3, datasets_dir, tmp_path):
+    cfg = config()
+    data = prepare(collect_dir(data_dir(tmp_path, datasets_dir["messages"])), cfg.dataset())
+    out = tmp_path / "out"
+    r = train(preset="phi-3-mini-4k-instruct", method="lora", config=cfg, data=data, output_dir=out,
+              model_dir=str(tiny_phi3), max_steps=4, show_progress=False)
+    assert r.steps == 4 and r.eval_loss is not None and r.train_loss is not None
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "microsoft/Phi-3-mini-4k-instruct"
+    assert adapter["r"] == 8 and set(adapter["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["loss_mask"] == "assistant_only" and meta["method"] == "lora" and meta["rank"] == 8
+    assert meta["datasets"][0]["sha256"] == data.files[0].sha256 and meta["steps"] == 4
+    assert meta["base_revision"] == "0a67737cc96d2554230f90338b163bc6380a2a85"
+    for f in ("adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md", "loss_curve.png"):
+        assert (out / f).is_file(), f
+    assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
+    assert "eval loss" in (out / "README.md").read_text()
+    assert not list(out.glob(".adapter-*"))
+    generate_changes(tiny_phi3, out)
+
+
+def test_qlora_on_prompt_completion(tiny_llama, datasets_dir, tmp_path):
+    cfg = config("qlora")
+    data = prepare(collect_dir(data_dir(tmp_path, datasets_dir["prompt_completion_messages"])), cfg.dataset())
+    out = tmp_path / "out"
+    r = train(preset="smollm2-135m-instruct", method="qlora", config=cfg, data=data, output_dir=out,
+              model_dir=str(tiny_llama), max_steps=3, show_progress=False)
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["quantization"]["load_in_4bit"] is True and meta["loss_mask"] == "completion_only"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert r.steps == 3
+    generate_changes(tiny_llama, out)
+
+
+def test_qlora_where_bitsandbytes_cannot_run(monkeypatch, tiny_llama, datasets_dir, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    cfg = config("qlora")
+    data = prepare(collect_dir(data_dir(tmp_path, datasets_dir["messages"])), cfg.dataset())
+    with pytest.raises(Exception, match="method qlora needs bitsandbytes, which cannot run here") as e:
+        train(preset="smollm2-135m-instruct", method="qlora", config=cfg, data=data, output_dir=tmp_path / "out",
+              model_dir=str(tiny_llama), max_steps=1, show_progress=False)
+    assert e.value.exit_code == EXIT_USER_ERROR and e.value.reason == "QuantizationUnavailable"
+    assert completed_adapter(tmp_path / "out") is None
+
+
+def test_failed_run_leaves_no_adapter_that_looks_complete(tiny_llama, datasets_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "training_metadata.json"):
+        (out / f).write_text("{}")  # an adapter from an earlier run
+    cfg = config(lora={"target_modules": ["no_such_module"]})
+    data = prepare(collect_dir(data_dir(tmp_path, datasets_dir["messages"])), cfg.dataset())
+    with pytest.raises(ValueError, match="no_such_module"):
+        train(preset="smollm2-135m-instruct", method="lora", config=cfg, data=data, output_dir=out,
+              model_dir=str(tiny_llama), max_steps=1, show_progress=False)
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+
+
+def test_publish_moves_adapter_config_last(tmp_path, monkeypatch):
+    import os
+    stage, out = tmp_path / "stage", tmp_path / "out"
+    stage.mkdir(), out.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (stage / f).write_text(f)
+    order = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (order.append(os.path.basename(b)), real(a, b)))
+    publish(stage, out)
+    assert order[-1] == "adapter_config.json" and not stage.exists()
+
+
+def test_chat_template_without_generation_markers_trains_on_last_turn(tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    p = write_parquet(tmp_path / "c.parquet", messages_rows(1))
+    data = prepare(collect_dir(tmp_path), load_config(None, "lora").dataset())
+    train_ds, eval_ds, mask = choose_loss_mask(data, tok)
+    assert mask == "completion_only" and p.exists()
+    row = train_ds[0]
+    assert [m["role"] for m in row["prompt"]] == ["system", "user"] and row["completion"][0]["role"] == "assistant"
+    tok.chat_template = (tiny_llama / "chat_template.jinja").read_text()  # trl's phi3: patchable
+    assert choose_loss_mask(data, tok)[2] == "assistant_only"
+
+
+def test_training_arguments_cpu_defaults_and_passthrough(tmp_path):
+    import torch
+    user = {"per_device_train_batch_size": 2, "gradient_checkpointing": True, "packing": True,
+            "lr_scheduler_type": "constant", "output_dir": "/mnt/results", "save_steps": 7}
+    a = training_arguments(user, ckpt_dir=tmp_path, on_gpu=False, dtype=torch.float32, packing=True,
+                           has_eval=True, loss_mask="assistant_only", seed=3, max_steps=5, show_progress=False)
+    assert a["use_cpu"] and not a["bf16"] and not a["gradient_checkpointing"] and not a["packing"]
+    assert a["lr_scheduler_type"] == "constant" and a["output_dir"] == str(tmp_path) and a["max_steps"] == 5
+    assert a["assistant_only_loss"] and a["eval_strategy"] == "steps" and a["eval_steps"] == 7
+    g = training_arguments({}, ckpt_dir=tmp_path, on_gpu=True, dtype=torch.bfloat16, packing=True,
+                           has_eval=False, loss_mask="completion_only", seed=3, max_steps=None, show_progress=True)
+    assert g["bf16"] and not g["fp16"] and g["gradient_checkpointing"] and g["packing"]
+    assert g["packing_strategy"] == "bfd" and g["completion_only_loss"] and g["eval_strategy"] == "no"
+    from trl import SFTConfig
+    SFTConfig(**{**a, "output_dir": str(tmp_path)})  # the real class accepts every key
+
+
+def test_newest_checkpoint_skips_incomplete(tmp_path):
+    for step, complete in ((5, True), (10, True), (15, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "adapter_model.safetensors").write_bytes(b"x")
+        if complete:
+            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        else:
+            (d / "trainer_state.json").write_text('{"global_st')  # killed while writing
+    assert newest_checkpoint(tmp_path).name == "checkpoint-10"
+
+
+@pytest.mark.slow
+def test_smollm2_learns_a_taught_task(tmp_path):
+    """Real weights (the offline GGUF): a few dozen steps lower eval loss and change the answer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kaito_tuning.models import load_base
+
+    write_parquet(tmp_path / "facts.parquet", messages_rows(4))
+    cfg = config(lora={"r": 16, "lora_alpha": 32}, training={"per_device_train_batch_size": 8, "learning_rate": 0.002,
+                                                               "logging_steps": 5, "lr_scheduler_type": "constant"},
+                 dataset={"train_test_split": 0.75})
+    data = prepare(collect_dir(tmp_path), cfg.dataset())
+    question = [{"role": "system", "content": "You answer briefly."},
+                {"role": "user", "content": "What is the favourite colour of Zorblax?"}]
+
+    def answer(model, tok):
+        ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    base, tok = load_base("smollm2-135m-instruct")
+    before = answer(base, tok)
+    out = tmp_path / "out"
+    r = train(preset="smollm2-135m-instruct", method="lora", config=cfg, data=data, output_dir=out,
+              max_steps=30, show_progress=False)
+    assert r.eval_loss < r.initial_eval_loss * 0.5, (r.initial_eval_loss, r.eval_loss)
+    tuned = PeftModel.from_pretrained(base, out)
+    after = answer(tuned, tok)
+    assert after != before and "teal" in after.lower(), (before, after)

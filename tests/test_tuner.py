@@ -1,0 +1,106 @@
+"""`kaito-tuning run`: the local pipeline end to end, resume after a kill, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from fixtures_data import training_configmap, tuning_workspace
+from kaito_tuning.errors import EXIT_USER_ERROR, UserError, ValidationError
+from kaito_tuning.tuner import load_spec, run
+
+
+def test_several_urls_to_a_pushed_adapter(data_server, tiny_phi3, tmp_path, registry, registry_auth_file):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, files = data_server
+    ws = tuning_workspace([f"{base}/chat.parquet", f"{base}/chat.jsonl", f"{base}/alpaca.parquet"],
+                          config="tiny-config")
+    ws["tuning"]["output"] = {"image": f"{registry.host}/adapters/tiny:1", "imagePushSecret": "push"}
+    result = run([ws, training_configmap()], output_dir=str(tmp_path / "out"), max_steps=3,
+                 model_dir=str(tiny_phi3), auth_file=registry_auth_file, plain_http=True, progress=False)
+    assert result.steps == 3 and result.image == f"{registry.host}/adapters/tiny:1"
+    assert result.digest.startswith("sha256:") and result.eval_loss is not None
+    meta = json.loads((tmp_path / "out" / "training_metadata.json").read_text())
+    assert [d["name"] for d in meta["datasets"]] == ["alpaca.parquet", "chat.jsonl", "chat.parquet"]
+    assert {d["url"] for d in meta["datasets"]} == set(ws["tuning"]["input"]["urls"])
+    assert meta["train_rows"] + meta["eval_rows"] == 32 + 8 + 32
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["phase"] == "succeeded" and progress["step"] == 3 and progress["total_steps"] == 3
+
+    from kaito_tuning.oci import pull_adapter
+    pulled = pull_adapter(result.image, tmp_path / "pulled", auth_file=registry_auth_file, plain_http=True)
+    assert pulled.digest == result.digest
+    tok = AutoTokenizer.from_pretrained(tiny_phi3)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_phi3, dtype=torch.float32),
+                                      tmp_path / "pulled")
+    ids = tok("Hello", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=3, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+
+
+def test_killed_run_resumes_from_its_checkpoint(data_server, tiny_phi3, tmp_path):
+    base, _ = data_server
+    spec = tmp_path / "ws.yaml"
+    spec.write_text(yaml.safe_dump_all([
+        tuning_workspace([f"{base}/chat.parquet"], config="tiny-config"),
+        training_configmap(training={"per_device_train_batch_size": 2, "save_steps": 4, "logging_steps": 2},
+                           dataset={"train_test_split": 1.0})]))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "kaito_tuning.cli", "run", str(spec), "--output-dir", str(out),
+           "--model-dir", str(tiny_phi3), "--max-steps", "40", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while not list((out / "checkpoints").glob("checkpoint-*/trainer_state.json")):
+            assert first.poll() is None, first.stderr.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint within 240 s"
+            time.sleep(0.05)
+    finally:
+        first.send_signal(signal.SIGKILL)  # as a node loss would
+        first.wait()
+    assert not (out / "adapter_config.json").exists(), "the first run finished before it could be killed"
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["resumed_from_step"] >= 4 and meta["resumed_from_step"] % 4 == 0
+    assert meta["steps"] == 40
+    assert "adapter:" in second.stdout
+
+
+def test_missing_configmap_and_unknown_preset(tmp_path):
+    with pytest.raises(UserError, match="names ConfigMap 'tiny-config', which is not in the file"):
+        load_spec([tuning_workspace(["http://127.0.0.1:9/a.parquet"], config="tiny-config")])
+    with pytest.raises(ValidationError, match="tuning.preset.name: .*unknown preset 'phi-9'") as e:
+        load_spec([tuning_workspace(["http://127.0.0.1:9/a.parquet"], preset="phi-9")])
+    assert e.value.exit_code == EXIT_USER_ERROR
+    with pytest.raises(ValidationError, match="LoraConfig.rank: unknown key"):
+        cm = training_configmap(lora={"rank": 8})
+        load_spec([tuning_workspace(["http://127.0.0.1:9/a.parquet"], config="tiny-config"), cm])
+
+
+def test_cli_reports_bad_input_in_one_line(data_server, tmp_path):
+    from kaito_tuning.cli import main
+    base, _ = data_server
+    spec = tmp_path / "ws.yaml"
+    spec.write_text(yaml.safe_dump(tuning_workspace([f"{base}/nocols.parquet"])))
+    rc = main(["run", str(spec), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    assert rc == EXIT_USER_ERROR
+    assert not (tmp_path / "out" / "adapter_config.json").exists()
+    assert json.loads((tmp_path / "out" / "progress.json").read_text())["phase"] == "failed"
+
+
+def test_hostpath_input(datasets_dir, tmp_path):
+    from kaito_tuning.tuner import fetch_input
+    ws, _ = load_spec([tuning_workspace(volume={"hostPath": {"path": str(datasets_dir["messages"].parent)}})])
+    assert fetch_input(ws, tmp_path) == datasets_dir["messages"].parent
+    ws, _ = load_spec([tuning_workspace(volume={"persistentVolumeClaim": {"claimName": "x"}})])
+    with pytest.raises(UserError, match="persistentVolumeClaim volume cannot be read outside Kubernetes"):
+        fetch_input(ws, tmp_path)
