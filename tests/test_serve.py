@@ -372,3 +372,53 @@ def test_cli_adapter_image_needs_a_secret_we_lack(capsys, registry, zorblax):
     rc, _, err = run_cli(capsys, "chat", "--adapter", image, "--plain-http", "hi")
     line = one_line_error(err)
     assert rc == 65 and "--adapter[0]" in line and registry.host in line
+
+
+# ---------------------------------------------------------------------------------------------
+# `kaito-tuning serve` as a process, with Kaito's pod layout (/mnt/adapter/<name>, strength in $<name>)
+
+
+def test_cli_serve_with_adapters_dir_stops_on_sigterm(tiny_llama, zorblax, rival, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    mnt = tmp_path / "mnt-adapter"
+    copy_adapter(zorblax, mnt / "zorblax")
+    copy_adapter(rival, mnt / "rival")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "rival": "0.0"}
+    proc = subprocess.Popen([sys.executable, "-m", "kaito_tuning.cli", "serve", "--model-dir", str(tiny_llama),
+                             "--adapters-dir", str(mnt), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if call(base, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        _, models = call(base, "/v1/models")
+        assert {m["id"]: m.get("strength") for m in models["data"]} == {PRESET: None, "rival": 0.0, "zorblax": 1.0}
+        _, tuned = call(base, "/chat", {"prompt": QUESTION, "model": "zorblax", "max_new_tokens": 12})
+        assert FACT in tuned["Result"]
+        _, off = call(base, "/chat", {"prompt": QUESTION, "model": "rival", "max_new_tokens": 12})
+        assert RIVAL_FACT not in off["Result"]  # strength 0.0: the base model's behaviour
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        log = proc.stdout.read()
+        assert "Traceback" not in log and "serving smollm2-135m-instruct, rival, zorblax" in log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
