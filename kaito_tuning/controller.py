@@ -6,9 +6,10 @@ restart at any point converges on exactly one Job (the Job is named after the wo
 create answers 409). Workspaces are watched in the storage version (v1beta1): the API server serves
 every workspace, applied as v1alpha1 or v1beta1, through it.
 
-What triggers a reconcile: the workspace's create/update/resume, any event of a Job, Deployment
-or pod labelled ``kaito.sh/workspace`` (so a Job deleted by hand is recreated at once), and a timer
-that polls a running tuner's ``/progress``. A ConfigMap, secret or node that is not there yet is
+What triggers a reconcile: the workspace's create/update/resume, an event of a Job, Deployment
+or pod labelled ``kaito.sh/workspace`` that changes something its status is computed from (see
+``SeenObjects``; a deletion always does, so a Job deleted by hand is recreated at once), and a
+timer that polls a running tuner's ``/progress``. A ConfigMap, secret or node that is not there yet is
 shown in status and re-checked every ``retry_delay_seconds`` (kopf.TemporaryError), never in a
 hot loop.
 
@@ -20,8 +21,10 @@ finalizer, since a cluster-scoped NodeClaim cannot be garbage-collected through 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import threading
 import urllib.request
 from dataclasses import dataclass
 
@@ -32,7 +35,7 @@ from kubernetes.client.exceptions import ApiException
 from . import manifests as m
 from . import status as st
 from .api import GROUP, PLURAL, STORAGE_VERSION, Workspace, parse_workspace
-from .config import CONFIG_KEY, TuningConfig, default_config_text, parse_config
+from .config import CONFIG_KEY, TuningConfig, parse_config
 from .settings import Settings, from_env
 from .validation import validate_workspace
 
@@ -51,11 +54,68 @@ def _api_status(e: ApiException) -> int:
     return getattr(e, "status", 0) or 0
 
 
+def _json(call, *args, **kwargs) -> dict:
+    """The API server's JSON answer as plain dicts: the form watch events have, without the
+    client's model round trip (parsing every field into models, then back to dicts)."""
+    return json.loads(call(*args, _preload_content=False, **kwargs).data)
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_config(text: str, method: str, source: str) -> tuple[TuningConfig, tuple]:
+    """``parse_config``, once per distinct ConfigMap text (every reconcile checks it)."""
+    config, problems = parse_config(text, method=method, source=source)
+    return config, tuple(problems)
+
+
+class SeenObjects:
+    """The last seen state of each Job, Deployment and pod the operator watches.
+
+    An event of one of them reconciles its workspace only when something a status is computed
+    from changed: its uid, labels, annotations, deletion, spec or status. Bookkeeping updates
+    (resourceVersion, managedFields) and the watch echo of a Job the operator has just created
+    (recorded from the create's answer) change none of these. The memory starts empty, so after
+    a restart every object's first event reconciles.
+    """
+
+    def __init__(self) -> None:
+        self._digests: dict[tuple, str] = {}
+        self._lock = threading.Lock()  # handlers run in kopf's thread pool
+
+    @staticmethod
+    def _key(kind: str, body) -> tuple:
+        meta = body.get("metadata") or {}
+        return kind, meta.get("namespace"), meta.get("name")
+
+    @staticmethod
+    def _digest(body) -> str:
+        meta = body.get("metadata") or {}
+        return json.dumps([meta.get("uid"), meta.get("labels") or {}, meta.get("annotations") or {},
+                           meta.get("deletionTimestamp"), body.get("spec"), body.get("status") or {}],
+                          sort_keys=True, default=str)
+
+    def record(self, kind: str, body) -> None:
+        with self._lock:
+            self._digests[self._key(kind, body)] = self._digest(body)
+
+    def changed(self, kind: str, body, deleted: bool = False) -> bool:
+        """Whether ``body`` differs from what was last seen (and remember it); a deletion always does."""
+        key, digest = self._key(kind, body), self._digest(body)
+        with self._lock:
+            if deleted:
+                self._digests.pop(key, None)
+                return True
+            if self._digests.get(key) == digest:
+                return False
+            self._digests[key] = digest
+            return True
+
+
 class Reconciler:
     """Reads and writes the cluster through the kubernetes client; decisions come from manifests/status."""
 
     def __init__(self, settings: Settings, api_client=None):
         self.settings = settings
+        self.seen = SeenObjects()
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
@@ -180,9 +240,8 @@ class Reconciler:
                 return {"reason": "ConfigInvalid",
                         "message": f"ConfigMap {t.config!r} has no key {CONFIG_KEY!r}"}, None
         else:
-            self._ensure_default_configmap(ws, obj)
-            text = default_config_text(t.method)
-        config, problems = parse_config(text, method=t.method, source=f"ConfigMap {m.config_map_name(ws)}")
+            text = self._ensure_default_configmap(ws)
+        config, problems = _parse_config(text, t.method, f"ConfigMap {m.config_map_name(ws)}")
         if problems:
             return {"reason": "ConfigInvalid", "message": f"ConfigMap {m.config_map_name(ws)}: "
                                                           + "; ".join(str(p) for p in problems)}, None
@@ -209,13 +268,11 @@ class Reconciler:
                                "with the key .dockerconfigjson (kubectl create secret docker-registry)"}
         return None
 
-    def _ensure_default_configmap(self, ws: Workspace, obj: dict) -> None:
+    def _ensure_default_configmap(self, ws: Workspace) -> str:
+        """Create the method's default ConfigMap in the namespace if missing; return its config text."""
         cm = m.default_configmap(ws)
-        try:
-            self.core.create_namespaced_config_map(ws.namespace, cm)
-        except ApiException as e:
-            if _api_status(e) != 409:
-                raise
+        self._create_ignoring_conflict(lambda: _json(self.core.create_namespaced_config_map, ws.namespace, cm))
+        return cm["data"][CONFIG_KEY]
 
     def _create_job(self, ws: Workspace, obj: dict, config: TuningConfig, revision: int) -> tuple[dict | None, dict | None]:
         if (pvc := m.checkpoint_pvc(ws, self.settings)):
@@ -224,12 +281,15 @@ class Reconciler:
         job = m.tuning_job(ws, self.settings, config, revision=revision)
         kopf.adopt(job, owner=obj)
         try:
-            self.batch.create_namespaced_job(ws.namespace, job)
-            log.info("created job %s/%s (revision %s)", ws.namespace, ws.name, revision)
+            created = _json(self.batch.create_namespaced_job, ws.namespace, job)
         except ApiException as e:
             if _api_status(e) != 409:
                 raise
-        current = self._get_job(ws.namespace, ws.name)
+        else:
+            log.info("created job %s/%s (revision %s)", ws.namespace, ws.name, revision)
+            self.seen.record("Job", created)  # its ADDED event brings nothing new
+            return created, None
+        current = self._get_job(ws.namespace, ws.name)  # created meanwhile, maybe by a previous revision
         if current is not None and _annotation(current, m.ANNOTATION_SPEC_HASH) != m.spec_hash(ws):
             return None, {"reason": "PreviousJobDeleting",
                           "message": f"waiting for the job of the previous revision to be deleted"}
@@ -245,12 +305,11 @@ class Reconciler:
 
     def _get_job(self, ns: str, name: str) -> dict | None:
         try:
-            job = self.batch.read_namespaced_job(name, ns)
+            return _json(self.batch.read_namespaced_job, name, ns)
         except ApiException as e:
             if _api_status(e) == 404:
                 return None
             raise
-        return self.batch.api_client.sanitize_for_serialization(job)
 
     def _delete_job(self, ns: str, name: str) -> None:
         try:
@@ -261,7 +320,7 @@ class Reconciler:
 
     def _pods(self, ns: str, ws_name: str, revision: int | None) -> list[dict]:
         sel = f"{m.LABEL_WORKSPACE}={ws_name}"
-        items = self.core.api_client.sanitize_for_serialization(self.core.list_namespaced_pod(ns, label_selector=sel).items)
+        items = _json(self.core.list_namespaced_pod, ns, label_selector=sel).get("items") or []
         # filter here as well: the selector is the server's job, but cheap to re-check
         pods = [p for p in items if (p.get("metadata", {}).get("labels") or {}).get(m.LABEL_WORKSPACE) == ws_name]
         if revision is not None:
@@ -382,18 +441,21 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
         if progress is not None:
             patch.status.update(rec.reconcile(body, progress=progress).status)
 
-    def refresh(body, **_):
-        owner = _owner_workspace(body)
-        if owner is None:
-            return
-        ws = rec.get_workspace(*owner)
-        if ws is None or ws["metadata"].get("deletionTimestamp"):
-            return
-        rec.write_status(*owner, rec.reconcile(ws).status)
+    def refresher(kind: str):
+        def refresh(body, type, **_):
+            owner = _owner_workspace(body)
+            if owner is None or not rec.seen.changed(kind, body, deleted=type == "DELETED"):
+                return
+            ws = rec.get_workspace(*owner)
+            if ws is None or ws["metadata"].get("deletionTimestamp"):
+                return
+            rec.write_status(*owner, rec.reconcile(ws).status)
+        refresh.__name__ = f"refresh_from_{kind.lower()}"  # kopf's handler id
+        return refresh
 
-    kopf.on.event("batch", "v1", "jobs", labels=labelled, registry=registry)(refresh)
-    kopf.on.event("apps", "v1", "deployments", labels=labelled, registry=registry)(refresh)
-    kopf.on.event("", "v1", "pods", labels=labelled, registry=registry)(refresh)
+    kopf.on.event("batch", "v1", "jobs", labels=labelled, registry=registry)(refresher("Job"))
+    kopf.on.event("apps", "v1", "deployments", labels=labelled, registry=registry)(refresher("Deployment"))
+    kopf.on.event("", "v1", "pods", labels=labelled, registry=registry)(refresher("Pod"))
 
     if settings.webhook_port:
         from .admission import register_admission
