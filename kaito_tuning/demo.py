@@ -166,16 +166,13 @@ def _say(step: str, text: str) -> None:
 
 
 def _quiet() -> None:
-    """Only our lines and the training progress bar: no dataset bars, no library deprecation notices."""
-    import warnings
-
+    """Only our lines and the training progress bar: no dataset bars, no library notices."""
     import datasets
 
     from .serve import _quiet_libraries
 
     _quiet_libraries()
     datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def run_demo(steps: int, root: Path) -> DemoResult:

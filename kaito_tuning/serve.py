@@ -36,7 +36,6 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -200,8 +199,8 @@ def _hub_id(value: str) -> bool:
     return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", value)) and not Path(value).exists()
 
 
-def check_compatible(adapter: Adapter, preset: Preset, model) -> None:
-    """Refuse an adapter trained for another base model: by name, by training metadata, by tensor shapes."""
+def check_trained_for(adapter: Adapter, preset: Preset) -> None:
+    """Refuse an adapter whose files say it was trained for another base model (before loading any weights)."""
     cfg = adapter.config
     what = f"adapter {adapter.name!r} ({adapter.source})"
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
@@ -216,6 +215,11 @@ def check_compatible(adapter: Adapter, preset: Preset, model) -> None:
     if meta_preset and meta_preset.lower() not in ours:
         raise AdapterMismatch(f"{what} was tuned from preset {meta_preset}, but this server runs preset "
                               f"{preset.name}; serve it with --preset {meta_preset}", field=adapter.field)
+
+
+def check_shapes(adapter: Adapter, preset: Preset, model) -> None:
+    """Refuse an adapter whose LoRA tensors do not fit ``model``'s modules (what names cannot tell)."""
+    what = f"adapter {adapter.name!r} ({adapter.source})"
     for key, shape in _tensor_shapes(adapter.path).items():
         problem = _shape_problem(model, key, shape)
         if problem:
@@ -406,9 +410,9 @@ class Engine:
 
 
 def attach_adapters(model, preset: Preset, adapters: list[Adapter]):
-    """Check each adapter against ``model`` and load them all as named peft adapters (strength applied)."""
+    """Check each adapter's tensors against ``model`` and load them all as named peft adapters (strength applied)."""
     for a in adapters:
-        check_compatible(a, preset, model)
+        check_shapes(a, preset, model)
     if not adapters:
         return model
     from peft import PeftModel
@@ -447,6 +451,8 @@ def load_engine(preset_name: str | None, adapters: list[Adapter], *, model_dir: 
             raise UserError(f"adapter {a.source} would be served as {a.name!r}, the base model's name; "
                             "rename its directory or repository", field=a.field, reason="AdapterNameTaken")
     fetch_adapters(adapters, workdir, auth_file=auth_file, plain_http=plain_http)
+    for a in adapters:
+        check_trained_for(a, preset)
     model, tokenizer = load_base(preset, model_dir=model_dir)
     model = attach_adapters(model, preset, adapters)
     return Engine(model=model, tokenizer=tokenizer, base_name=preset.name, base_aliases=(preset.repo,),
@@ -744,3 +750,4 @@ def _quiet_libraries() -> None:
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)

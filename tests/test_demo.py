@@ -80,11 +80,12 @@ def test_interrupted_demo_stops_what_it_started(tmp_path, monkeypatch, failure):
         seen["registry"] = _registry_children()
         raise failure("stop")
 
+    others = set(_registry_children())  # a session fixture's registry may be running
     monkeypatch.setattr(tuner, "run", fail)
     with pytest.raises(failure):
         demo.run_demo(3, tmp_path)
-    assert seen["registry"], "the demo should have started a registry"
-    assert _registry_children() == []
+    assert set(seen["registry"]) - others, "the demo should have started a registry"
+    assert set(_registry_children()) == others
     with pytest.raises(OSError):
         urllib.request.urlopen(seen["url"], timeout=5)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("scratch-")] == []
@@ -96,10 +97,12 @@ def test_steps_must_be_positive(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # minutes on an idle 2-core machine; far more when it is shared
 @needs_registry
 def test_demo_teaches_the_facts(capsys, tmp_path):
     """The real thing, fewer steps: SmolLM2 from the offline package, trained, pushed, pulled, asked."""
     steps = int(os.environ.get("KAITO_DEMO_TEST_STEPS", "14"))
+    others = set(_registry_children())
     demo._quiet()
     result = demo.run_demo(steps, tmp_path)
     out = capsys.readouterr().out
@@ -118,4 +121,4 @@ def test_demo_teaches_the_facts(capsys, tmp_path):
     assert Path(result.loss_curve).is_file() and f"Loss curve: {result.loss_curve}" in text
     assert (Path(result.adapter_dir) / "adapter_config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # scratch (data, pulled copy) removed
-    assert _registry_children() == []
+    assert set(_registry_children()) == others
