@@ -121,7 +121,7 @@ def parse_adapter_args(values: list[str]) -> list[Adapter]:
     for i, value in enumerate(values):
         where = f"--adapter[{i}]"
         source, strength = value, None
-        if "=" in value:
+        if "=" in value and not Path(value).expanduser().exists():  # a directory may have "=" in its name
             source, _, strength = value.rpartition("=")
         if (msg := strength_problem(strength)):
             problems.append(Problem(where, f"strength {msg}"))
@@ -733,6 +733,7 @@ def cli_serve(args) -> int:
         finally:
             signal.signal(signal.SIGTERM, previous)
             server.server_close()
+            log.info("stopped")
     return 0
 
 
