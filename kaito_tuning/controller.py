@@ -198,9 +198,11 @@ class Reconciler:
             status["tuning"] = {**prev_t, "jobName": None, "note": "the finished job was deleted; status kept"}
             return Outcome(status)
         recreated = job is None and prev_t.get("specHash") == digest and prev_t.get("jobName")
+        created = False
         if job is None and blocker is None:
-            job, blocker = self._create_job(ws, obj, config, revision)
-        pods = self._pods(ns, name, revision) if job is not None else []
+            job, blocker, created = self._create_job(ws, obj, config, revision)
+        # a Job created just now has no pods yet: the job controller makes them once it exists
+        pods = self._pods(ns, name, revision) if job is not None and not created else []
         status = st.tuning_status(prev, generation=gen, job=job, pods=pods, revision=revision, progress=progress,
                                   blocker=blocker, nodeclaim=claim, provisioning=provisioning,
                                   output_volume=bool(ws.tuning.output.volume_source))
@@ -274,7 +276,9 @@ class Reconciler:
         self._create_ignoring_conflict(lambda: _json(self.core.create_namespaced_config_map, ws.namespace, cm))
         return cm["data"][CONFIG_KEY]
 
-    def _create_job(self, ws: Workspace, obj: dict, config: TuningConfig, revision: int) -> tuple[dict | None, dict | None]:
+    def _create_job(self, ws: Workspace, obj: dict, config: TuningConfig,
+                    revision: int) -> tuple[dict | None, dict | None, bool]:
+        """(job, blocker, whether this call created the job)."""
         if (pvc := m.checkpoint_pvc(ws, self.settings)):
             kopf.adopt(pvc, owner=obj)
             self._create_ignoring_conflict(lambda: self.core.create_namespaced_persistent_volume_claim(ws.namespace, pvc))
@@ -288,12 +292,12 @@ class Reconciler:
         else:
             log.info("created job %s/%s (revision %s)", ws.namespace, ws.name, revision)
             self.seen.record("Job", created)  # its ADDED event brings nothing new
-            return created, None
+            return created, None, True
         current = self._get_job(ws.namespace, ws.name)  # created meanwhile, maybe by a previous revision
         if current is not None and _annotation(current, m.ANNOTATION_SPEC_HASH) != m.spec_hash(ws):
             return None, {"reason": "PreviousJobDeleting",
-                          "message": f"waiting for the job of the previous revision to be deleted"}
-        return current, None
+                          "message": f"waiting for the job of the previous revision to be deleted"}, False
+        return current, None, False
 
     @staticmethod
     def _create_ignoring_conflict(create) -> None:
