@@ -11,8 +11,7 @@ client and kubectl all work against it:
 * ``kaito.sh/v1alpha1/workspaces`` is an alias of ``kaito.sh/v1beta1/workspaces`` (one object
   served through both versions, as the real API server does);
 * deleting an object deletes the objects whose ownerReferences name its uid (background GC);
-* each request costs the same however many came before (see ``__iter__``), and fetches look the
-  object up by its key instead of scanning every stored object.
+* a request costs the same however many came before it (see ``__iter__``).
 
 Use it with ``pytestmark = pytest.mark.kmock(cls=Emulator)`` and the ``k8s`` fixture.
 """
@@ -59,7 +58,7 @@ class Emulator(kmock.KubernetesEmulator):
 
         kmock chooses a reaction with ``request in reaction_source``, which replays every request
         ever received through each reaction's filters: O(history) per request, quadratic over a
-        run (thousands of requests make each one take ~0.1 s). The filters judge one request at
+        run (after 230 requests, each one takes ~0.1 s). The filters judge one request at
         a time, so while serving, the request alone gives the same answer. Slices (``kmock[...][:1]``)
         depend on history: when any reaction has one, the full history is used as before. Outside
         of serving (assertions in tests), the full history is seen.
