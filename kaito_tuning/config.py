@@ -320,6 +320,7 @@ def _semantic(cfg: TuningConfig, method: str | None, raw: dict) -> list[Problem]
     return p
 
 
+@cache
 def default_config_text(method: str) -> str:
     """The shipped default training_config.yaml for ``method`` (lora or qlora)."""
     return resources.files("kaito_tuning").joinpath(f"data/{method}-params.yaml").read_text()
