@@ -22,10 +22,12 @@ adapter is staged in a temporary directory and moved into ``output_dir`` at the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -82,6 +84,9 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     on_gpu = torch.cuda.is_available()
     mcfg = config.model()
     dtype = resolve_dtype(mcfg.dtype or mcfg.torch_dtype)
+    if not on_gpu and dtype != torch.float32:
+        log.info("CPU run: training in float32 (ModelConfig asks for %s, which CPUs run slowly)", dtype)
+        dtype = torch.float32
     attn = mcfg.attn_implementation or ("flex_attention" if on_gpu else "sdpa")
     packing = bool(user_args.get("packing", on_gpu and attn in PACKING_ATTENTION))
     if packing and attn not in PACKING_ATTENTION:
@@ -94,8 +99,9 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
                                       "revision": mcfg.revision, "local_files_only": mcfg.local_files_only or None
                                       }.items() if v is not None}
     base_dir = model_dir or _config_model_dir(mcfg.pretrained_model_name_or_path)
-    model, tokenizer = load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype,
-                                 device="cuda" if on_gpu else "cpu", model_kwargs=model_kwargs)
+    with out_of_memory_is_fatal():
+        model, tokenizer = load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype,
+                                     device="cuda" if on_gpu else "cpu", model_kwargs=model_kwargs)
     if mcfg.chat_template:
         tokenizer.chat_template = _read_template(mcfg.chat_template)
 
@@ -103,9 +109,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     train_ds, eval_ds, loss_mask = choose_loss_mask(data, tokenizer)
 
     # ---- 3. LoRA: the preset's target modules unless the config names its own
-    lora_args = {"target_modules": list(p.target_modules) or "all-linear", "task_type": "CAUSAL_LM",
-                 **config.section("LoraConfig")}
-    lora = LoraConfig(**lora_args)
+    lora = LoraConfig(**lora_arguments(p.target_modules, config.section("LoraConfig")))
 
     # ---- 4. SFTConfig: hardware defaults < the ConfigMap < what this run must have
     sft_args = training_arguments(user_args, ckpt_dir=ckpt_dir, on_gpu=on_gpu, dtype=dtype, packing=packing,
@@ -124,7 +128,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     resumed_step = int(resume.name.rsplit("-", 1)[1]) if resume else 0
     if resume:
         log.info("resuming from %s", resume)
-    try:
+    with out_of_memory_is_fatal():
         initial_eval = None
         if eval_ds is not None and resume is None:
             if progress:
@@ -138,10 +142,6 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
             if progress:
                 progress.update(phase="evaluating")
             final_eval = trainer.evaluate()["eval_loss"]
-    except torch.OutOfMemoryError as e:
-        raise OutOfMemoryError(
-            f"the GPU ran out of memory ({str(e).splitlines()[0]}); lower TrainingArguments."
-            "per_device_train_batch_size or max_length, use method qlora, or a GPU with more memory") from None
 
     # ---- 6. the adapter, staged then moved into place
     if progress:
@@ -181,6 +181,19 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
 
 # ------------------------------------------------------------------ steps of the recipe
 
+@contextlib.contextmanager
+def out_of_memory_is_fatal():
+    """CUDA out-of-memory → OutOfMemoryError (exit 66: the Job is not retried, the same run would fail again)."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError as e:
+        raise OutOfMemoryError(
+            f"the GPU ran out of memory ({str(e).splitlines()[0]}); lower TrainingArguments."
+            "per_device_train_batch_size or max_length, use method qlora, or a GPU with more memory") from None
+
+
 def choose_loss_mask(data: Splits, tokenizer):
     """(train, eval, loss mask name). Chat data keeps its turns when the template can mark assistant
     tokens; otherwise each conversation becomes prompt (all but the last assistant turn) + completion."""
@@ -202,6 +215,16 @@ def _last_turn_as_completion(row: dict) -> dict:
     msgs = row["messages"]
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     return {"prompt": msgs[:last], "completion": [msgs[last]]}
+
+
+def lora_arguments(preset_modules, user: dict) -> dict:
+    """peft.LoraConfig keyword arguments: the preset's target modules unless the config names its own."""
+    args = {"target_modules": list(preset_modules) or "all-linear", "task_type": "CAUSAL_LM", **user}
+    names = args["target_modules"]
+    # Kaito's "q_proj,k_proj" (peft would read a string as one regular expression)
+    if isinstance(names, str) and names != "all-linear" and re.fullmatch(r"[\w.,\s-]+", names):
+        args["target_modules"] = [n.strip() for n in names.split(",") if n.strip()]
+    return args
 
 
 def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packing: bool, has_eval: bool,

@@ -10,8 +10,8 @@ from kaito_tuning.config import load_config
 from kaito_tuning.dataset import prepare
 from kaito_tuning.download import collect_dir
 from kaito_tuning.errors import EXIT_USER_ERROR
-from kaito_tuning.train import (choose_loss_mask, completed_adapter, newest_checkpoint, publish, train,
-                                training_arguments)
+from kaito_tuning.train import (choose_loss_mask, completed_adapter, lora_arguments, newest_checkpoint, publish,
+                                train, training_arguments)
 
 
 def config(method="lora", **kw):
@@ -151,6 +151,16 @@ def test_training_arguments_cpu_defaults_and_passthrough(tmp_path):
     SFTConfig(**{**a, "output_dir": str(tmp_path)})  # the real class accepts every key
 
 
+def test_lora_arguments():
+    from peft import LoraConfig
+    assert lora_arguments(("qkv_proj", "o_proj"), {"r": 4})["target_modules"] == ["qkv_proj", "o_proj"]
+    kaito = lora_arguments(("qkv_proj",), {"target_modules": "q_proj, k_proj,v_proj", "lora_dropout": 0.1})
+    assert kaito["target_modules"] == ["q_proj", "k_proj", "v_proj"] and kaito["task_type"] == "CAUSAL_LM"
+    assert lora_arguments((), {})["target_modules"] == "all-linear"
+    assert lora_arguments((), {"target_modules": ".*proj"})["target_modules"] == ".*proj"  # a regex stays
+    LoraConfig(**kaito)
+
+
 def test_newest_checkpoint_skips_incomplete(tmp_path):
     for step, complete in ((5, True), (10, True), (15, False)):
         d = tmp_path / f"checkpoint-{step}"
@@ -165,18 +175,21 @@ def test_newest_checkpoint_skips_incomplete(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_learns_a_taught_task(tmp_path):
-    """Real weights (the offline GGUF): a few dozen steps lower eval loss and change the answer."""
+    """Real weights (the offline GGUF): fifteen steps lower eval loss and change the answer."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from kaito_tuning.models import load_base
 
-    write_parquet(tmp_path / "facts.parquet", messages_rows(4))
-    cfg = config(lora={"r": 16, "lora_alpha": 32}, training={"per_device_train_batch_size": 8, "learning_rate": 0.002,
+    # short rows keep it quick on 2 CPU cores: 3 facts, a one-word system prompt (instead of SmolLM2's default)
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, *r["messages"][1:]]} for r in messages_rows(4)]
+    write_parquet(tmp_path / "facts.parquet", [r for r in rows if any(n in r["messages"][1]["content"]
+                                                                      for n in ("Zorblax", "Quimby", "Vextor"))])
+    cfg = config(lora={"r": 16, "lora_alpha": 32}, training={"per_device_train_batch_size": 3, "learning_rate": 0.003,
                                                                "logging_steps": 5, "lr_scheduler_type": "constant"},
                  dataset={"train_test_split": 0.75})
     data = prepare(collect_dir(tmp_path), cfg.dataset())
-    question = [{"role": "system", "content": "You answer briefly."},
+    question = [{"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "What is the favourite colour of Zorblax?"}]
 
     def answer(model, tok):
@@ -189,7 +202,7 @@ def test_smollm2_learns_a_taught_task(tmp_path):
     before = answer(base, tok)
     out = tmp_path / "out"
     r = train(preset="smollm2-135m-instruct", method="lora", config=cfg, data=data, output_dir=out,
-              max_steps=30, show_progress=False)
+              max_steps=15, show_progress=False)
     assert r.eval_loss < r.initial_eval_loss * 0.5, (r.initial_eval_loss, r.eval_loss)
     tuned = PeftModel.from_pretrained(base, out)
     after = answer(tuned, tok)
