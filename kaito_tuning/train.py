@@ -88,20 +88,30 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         log.info("CPU run: training in float32 (ModelConfig asks for %s, which CPUs run slowly)", dtype)
         dtype = torch.float32
     attn = mcfg.attn_implementation or ("flex_attention" if on_gpu else "sdpa")
+    if progress:
+        progress.update(phase="loading")
+    quant = config.section("QuantizationConfig") if config.quantized else None
+    model_kwargs = {k: v for k, v in {"trust_remote_code": mcfg.trust_remote_code, "revision": mcfg.revision,
+                                      "local_files_only": mcfg.local_files_only or None}.items() if v is not None}
+    base_dir = model_dir or _config_model_dir(mcfg.pretrained_model_name_or_path)
+
+    def load(attn_implementation: str):
+        with out_of_memory_is_fatal():
+            return load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype, device="cuda" if on_gpu else "cpu",
+                             model_kwargs={**model_kwargs, "attn_implementation": attn_implementation})
+
+    try:
+        model, tokenizer = load(attn)
+    except ValueError as e:  # the architecture has no flex_attention support
+        if mcfg.attn_implementation or "attn" not in str(e).lower():
+            raise
+        log.warning("%s is not supported by this model (%s); using sdpa without packing", attn, e)
+        attn = "sdpa"
+        model, tokenizer = load(attn)
     packing = bool(user_args.get("packing", on_gpu and attn in PACKING_ATTENTION))
     if packing and attn not in PACKING_ATTENTION:
         log.warning("packing with attn_implementation=%s builds a dense mask over each whole pack (slow); "
                     "flex_attention keeps the cost per sequence", attn)
-    if progress:
-        progress.update(phase="loading")
-    quant = config.section("QuantizationConfig") if config.quantized else None
-    model_kwargs = {k: v for k, v in {"attn_implementation": attn, "trust_remote_code": mcfg.trust_remote_code,
-                                      "revision": mcfg.revision, "local_files_only": mcfg.local_files_only or None
-                                      }.items() if v is not None}
-    base_dir = model_dir or _config_model_dir(mcfg.pretrained_model_name_or_path)
-    with out_of_memory_is_fatal():
-        model, tokenizer = load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype,
-                                     device="cuda" if on_gpu else "cpu", model_kwargs=model_kwargs)
     if mcfg.chat_template:
         tokenizer.chat_template = _read_template(mcfg.chat_template)
 
