@@ -80,6 +80,20 @@ def gpu_count(ws: Workspace) -> int:
     return 1
 
 
+def _gpu_pod_spec(ws: Workspace, init_containers: list, containers: list, volumes: list) -> dict:
+    """What every pod on the workspace's GPU nodes has: restricted security, node pinning, GPU tolerations."""
+    return {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": _pod_security(),
+        "affinity": node_affinity(ws),
+        "tolerations": [dict(t) for t in GPU_TOLERATIONS],
+        "initContainers": init_containers,
+        "containers": containers,
+        "volumes": volumes,
+    }
+
+
 def _pod_security() -> dict:
     return {"runAsNonRoot": True, "runAsUser": _UID, "runAsGroup": _UID, "fsGroup": _UID,
             "seccompProfile": {"type": "RuntimeDefault"}}
@@ -231,17 +245,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
             ]},
             "template": {
                 "metadata": {"labels": labels, "annotations": {ANNOTATION_REVISION: str(revision)}},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": _pod_security(),
-                    "affinity": node_affinity(ws),
-                    "tolerations": [dict(t) for t in GPU_TOLERATIONS],
-                    "initContainers": init_containers,
-                    "containers": containers,
-                    "volumes": volumes,
-                },
+                "spec": {"restartPolicy": "Never", **_gpu_pod_spec(ws, init_containers, containers, volumes)},
             },
         },
     })
@@ -340,14 +344,7 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
             "template": {
                 "metadata": {"labels": labels, "annotations": {ANNOTATION_SPEC_HASH: spec_hash(ws)}},
                 "spec": {
-                    "automountServiceAccountToken": False,
-                    "enableServiceLinks": False,
-                    "securityContext": _pod_security(),
-                    "affinity": node_affinity(ws),
-                    "tolerations": [dict(t) for t in GPU_TOLERATIONS],
-                    "initContainers": init_containers,
-                    "containers": [server],
-                    "volumes": volumes,
+                    **_gpu_pod_spec(ws, init_containers, [server], volumes),
                 },
             },
         },

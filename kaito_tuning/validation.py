@@ -37,6 +37,14 @@ def dns_subdomain_problem(value: str, path: str) -> Problem | None:
     return None
 
 
+def image_problem(ref: str, path: str, *, require_tag: bool = False) -> Problem | None:
+    try:
+        imageref.parse(ref, require_tag=require_tag)
+    except imageref.InvalidReference as e:
+        return Problem(path, str(e))
+    return None
+
+
 def validate_workspace(ws: Workspace, *, allow_private_urls: bool = True) -> list[Problem]:
     """All semantic problems of a parsed Workspace (structure was checked by the parser)."""
     p: list[Problem] = []
@@ -134,11 +142,8 @@ def _validate_input(src: DataSource, path: str, allow_private_urls: bool) -> lis
             p.append(Problem(f"{path}.urls[{i}]", msg))
     if len(set(src.urls)) != len(src.urls):
         p.append(Problem(f"{path}.urls", "lists the same URL twice"))
-    if src.image:
-        try:
-            imageref.parse(src.image)
-        except imageref.InvalidReference as e:
-            p.append(Problem(f"{path}.image", str(e)))
+    if src.image and (e := image_problem(src.image, f"{path}.image")):
+        p.append(e)
     for i, s in enumerate(src.image_pull_secrets):
         if not s.strip():
             p.append(Problem(f"{path}.imagePullSecrets[{i}]", "is empty"))
@@ -153,10 +158,8 @@ def _validate_output(dst: DataDestination, path: str) -> list[Problem]:
         what = "both are set" if dst.image else "neither is set"
         p.append(Problem(path, f"exactly one of image or volumeSource must be set; {what}"))
     if dst.image:
-        try:
-            imageref.parse(dst.image, require_tag=True)
-        except imageref.InvalidReference as e:
-            p.append(Problem(f"{path}.image", str(e)))
+        if (e := image_problem(dst.image, f"{path}.image", require_tag=True)):
+            p.append(e)
         if not dst.image_push_secret:
             p.append(Problem(f"{path}.imagePushSecret",
                              "is required with image: name a kubernetes.io/dockerconfigjson secret that can push to it"))
@@ -244,11 +247,8 @@ def _validate_inference(ws: Workspace) -> list[Problem]:
             p.append(Problem(f"{path}.source.urls", "URLs are not supported as an adapter source; use image or volumeSource"))
         if bool(src.image) == bool(src.volume_source):
             p.append(Problem(f"{path}.source", "exactly one of image or volumeSource must be set"))
-        if src.image:
-            try:
-                imageref.parse(src.image)
-            except imageref.InvalidReference as e:
-                p.append(Problem(f"{path}.source.image", str(e)))
+        if src.image and (e := image_problem(src.image, f"{path}.source.image")):
+            p.append(e)
         if (msg := strength_problem(a.strength)):
             p.append(Problem(f"{path}.strength", msg))
     return p
