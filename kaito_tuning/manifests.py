@@ -343,9 +343,7 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
             "strategy": {"type": "Recreate"},  # GPUs are scarce: do not run old and new side by side
             "template": {
                 "metadata": {"labels": labels, "annotations": {ANNOTATION_SPEC_HASH: spec_hash(ws)}},
-                "spec": {
-                    **_gpu_pod_spec(ws, init_containers, [server], volumes),
-                },
+                "spec": _gpu_pod_spec(ws, init_containers, [server], volumes),
             },
         },
     })
