@@ -258,9 +258,10 @@ def test_cli_chat_with_adapter_dir(capsys, tiny_llama, zorblax):
     rc, out, err = run_cli(capsys, "chat", "--model-dir", str(tiny_llama), "--adapter", str(zorblax), "--compare",
                            "--max-tokens", "12", QUESTION)
     assert rc == 0, err
-    lines = out.strip().splitlines()
-    assert lines[0].startswith(f"[{PRESET}] ") and FACT not in lines[0]
-    assert lines[1].startswith("[zorblax] ") and FACT in lines[1]
+    # answers may span lines (a tiny random base model says anything): split at the second label
+    assert out.startswith(f"[{PRESET}] ") and "\n[zorblax] " in out
+    base, tuned = out.split("\n[zorblax] ", 1)
+    assert FACT not in base and FACT in tuned
 
 
 def copy_adapter(src: Path, dest: Path, *, config: dict | None = None, metadata: dict | None = None) -> Path:
