@@ -23,8 +23,9 @@ def test_crd_file_is_current():
     assert CRD_FILE.read_text() == crd_yaml(), "run: kaito-tuning crd > crds/kaito.sh_workspaces.yaml"
 
 
-def test_crd_is_a_valid_apiextensions_v1_object():
-    kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), "1.33.0", strict=True)
+@pytest.mark.parametrize("version", ["1.33.0", "1.37.0"])
+def test_crd_is_a_valid_apiextensions_v1_object(version):
+    kubernetes_validate.validate(yaml.safe_load(CRD_FILE.read_text()), version, strict=True)
 
 
 def test_crd_basics():

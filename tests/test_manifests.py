@@ -15,7 +15,7 @@ from kaito_tuning.config import load_config
 from kaito_tuning.loader import load_documents, split_documents
 from kaito_tuning.settings import Settings
 
-K8S = "1.33.0"
+K8S_VERSIONS = ("1.33.0", "1.37.0")  # an older AKS default and the newest schema bundled
 EXAMPLES = sorted(glob.glob("examples/*/*.yaml"))
 
 
@@ -41,7 +41,8 @@ def test_every_manifest_is_valid(path, settings):
         if obj["kind"] == "NodeClaim":  # a CRD: no schema in kubernetes-validate
             assert obj["spec"]["requirements"][0]["values"] == [ws.resource.instance_type]
             continue
-        kubernetes_validate.validate(obj, K8S, strict=True)
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
 
 
 def _pod(job):
@@ -56,7 +57,8 @@ def test_quick_start_job_follows_the_contract():
     ws, _ = workspace("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml")
     job = manifests.tuning_job(ws, Settings(job_backoff_limit=2, job_active_deadline_seconds=3600),
                                load_config(None, "qlora"), revision=3)
-    kubernetes_validate.validate(job, K8S, strict=True)
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
     spec, pod = job["spec"], _pod(job)
     assert spec["backoffLimit"] == 2 and spec["activeDeadlineSeconds"] == 3600
     rules = spec["podFailurePolicy"]["rules"]
@@ -93,7 +95,8 @@ def test_gpus_affinity_and_pull_secrets_only_in_download():
     obj["tuning"]["input"] = {"image": "registry.example.com/data:1", "imagePullSecrets": ["data-pull"]}
     ws = load_workspace(obj)
     job = manifests.tuning_job(ws, Settings(), load_config(None, "qlora"))
-    kubernetes_validate.validate(job, K8S, strict=True)
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
     pod = _pod(job)
     tuner = next(c for c in _all(pod) if c["name"] == "tuner")
     assert tuner["resources"]["requests"]["nvidia.com/gpu"] == "4" == tuner["resources"]["limits"]["nvidia.com/gpu"]
