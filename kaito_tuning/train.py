@@ -246,6 +246,8 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
         "report_to": "none", "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
         "save_total_limit": 2, "seed": seed, "data_seed": seed, "gradient_checkpointing": on_gpu,
         "packing": packing, "packing_strategy": "bfd",
+        # without packing, batch rows of similar length together: padding is compute thrown away
+        "train_sampling_strategy": "random" if packing else "group_by_length",
         "per_device_eval_batch_size": user.get("per_device_train_batch_size", 8),
         "eval_strategy": "no",
     }
