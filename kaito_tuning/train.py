@@ -248,9 +248,13 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
         "packing": packing, "packing_strategy": "bfd",
         # without packing, batch rows of similar length together: padding is compute thrown away
         "train_sampling_strategy": "random" if packing else "group_by_length",
-        "per_device_eval_batch_size": user.get("per_device_train_batch_size", 8),
         "eval_strategy": "no",
     }
+    if "per_device_train_batch_size" not in user and "gradient_accumulation_steps" not in user:
+        # 8 rows per optimizer step either way. On a CPU one row at a time is faster and 6x smaller in memory:
+        # SmolLM2's 8-row logits (49k vocabulary) thrash the caches (bench/bench_recipes.py, docs/benchmarks.md)
+        args.update(per_device_train_batch_size=8 if on_gpu else 1, gradient_accumulation_steps=1 if on_gpu else 8)
+    args["per_device_eval_batch_size"] = user.get("per_device_train_batch_size", args.get("per_device_train_batch_size", 8))
     if has_eval:
         args.update(eval_strategy="steps", eval_steps=user.get("save_steps", 200))
     args.update({k: v for k, v in user.items() if k != "output_dir"})

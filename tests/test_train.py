@@ -147,6 +147,14 @@ def test_training_arguments_cpu_defaults_and_passthrough(tmp_path):
                            has_eval=False, loss_mask="completion_only", seed=3, max_steps=None, show_progress=True)
     assert g["bf16"] and not g["fp16"] and g["gradient_checkpointing"] and g["packing"]
     assert g["packing_strategy"] == "bfd" and g["completion_only_loss"] and g["eval_strategy"] == "no"
+    # 8 rows per step unless the config says otherwise: all at once on a GPU, one at a time on a CPU
+    assert (g["per_device_train_batch_size"], g["gradient_accumulation_steps"]) == (8, 1)
+    c = training_arguments({}, ckpt_dir=tmp_path, on_gpu=False, dtype=torch.float32, packing=False,
+                           has_eval=False, loss_mask="all_tokens", seed=3, max_steps=None, show_progress=False)
+    assert (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]) == (1, 8)
+    assert c["train_sampling_strategy"] == "group_by_length" and g["train_sampling_strategy"] == "random"
+    assert (a["per_device_train_batch_size"], a.get("gradient_accumulation_steps", 1)) == (2, 1)
+    assert a["per_device_eval_batch_size"] == 2
     from trl import SFTConfig
     SFTConfig(**{**a, "output_dir": str(tmp_path)})  # the real class accepts every key
 
