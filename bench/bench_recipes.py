@@ -1,5 +1,6 @@
 """Kaito's default tuning recipe vs ours, side by side in one run, on this machine (CPU).
 
+Runs on a GPU when there is one (bf16, peak GPU memory reported), else on the CPU.
 Same base model (the embedded default, SmolLM2-135M-Instruct, real weights), same data (dolly-like
 chat rows: lognormal answer lengths), same method, each variant in its own process so peak memory is
 its own. Tokens/s counts the non-pad tokens trained per second of ``trainer.train()`` (TRL's
@@ -73,9 +74,11 @@ def run_kaito(method: str, data, steps: int, out: Path) -> dict:
 
     from kaito_tuning.models import load_base
 
+    cuda = torch.cuda.is_available()
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True} \
         if method == "qlora" else None
-    model, tok = load_base("smollm2-135m-instruct", quantization=quant, dtype=torch.float32, device="cpu")
+    model, tok = load_base("smollm2-135m-instruct", quantization=quant,
+                           dtype=torch.bfloat16 if cuda else torch.float32, device="cuda" if cuda else "cpu")
     if quant:
         model = prepare_model_for_kbit_training(model)
 
@@ -85,7 +88,7 @@ def run_kaito(method: str, data, steps: int, out: Path) -> dict:
                 torch.cuda.empty_cache()
 
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=1, save_strategy="no", report_to="none",
-                     max_steps=steps, logging_steps=1, use_cpu=True, bf16=False, disable_tqdm=True,
+                     max_steps=steps, logging_steps=1, use_cpu=not cuda, bf16=cuda, disable_tqdm=True,
                      gradient_checkpointing=bool(quant), ddp_find_unused_parameters=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tok,
                          data_collator=DataCollatorForLanguageModeling(tokenizer=tok, mlm=False),
@@ -119,6 +122,10 @@ def child(args) -> None:
         r = fn(args.method, data, steps, Path(out))
     r.update(recipe=args.recipe, method=args.method,
              peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2))
+    import torch
+
+    if torch.cuda.is_available():
+        r["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print("RESULT " + json.dumps(r), flush=True)
 
 
