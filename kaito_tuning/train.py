@@ -246,8 +246,6 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
         "report_to": "none", "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
         "save_total_limit": 2, "seed": seed, "data_seed": seed, "gradient_checkpointing": on_gpu,
         "packing": packing, "packing_strategy": "bfd",
-        # without packing, batch rows of similar length together: padding is compute thrown away
-        "train_sampling_strategy": "random" if packing else "group_by_length",
         "eval_strategy": "no",
     }
     if "per_device_train_batch_size" not in user and "gradient_accumulation_steps" not in user:

@@ -152,7 +152,6 @@ def test_training_arguments_cpu_defaults_and_passthrough(tmp_path):
     c = training_arguments({}, ckpt_dir=tmp_path, on_gpu=False, dtype=torch.float32, packing=False,
                            has_eval=False, loss_mask="all_tokens", seed=3, max_steps=None, show_progress=False)
     assert (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]) == (1, 8)
-    assert c["train_sampling_strategy"] == "group_by_length" and g["train_sampling_strategy"] == "random"
     assert (a["per_device_train_batch_size"], a.get("gradient_accumulation_steps", 1)) == (2, 1)
     assert a["per_device_eval_batch_size"] == 2
     from trl import SFTConfig
