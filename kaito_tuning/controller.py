@@ -36,6 +36,7 @@ from . import manifests as m
 from . import status as st
 from .api import GROUP, PLURAL, STORAGE_VERSION, Workspace, parse_workspace
 from .config import CONFIG_KEY, TuningConfig, parse_config
+from .errors import UserError
 from .settings import Settings, from_env
 from .validation import validate_workspace
 
@@ -475,7 +476,11 @@ def cli_operator(args) -> int:
     try:
         kubernetes.config.load_incluster_config()
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
+        try:
+            kubernetes.config.load_kube_config()
+        except (kubernetes.config.ConfigException, OSError) as e:
+            raise UserError(f"no cluster to talk to: not in a pod and no usable kubeconfig ({e})",
+                            field="KUBECONFIG") from None
     registry = register(settings)
     asyncio.run(kopf.operator(registry=registry, standalone=args.standalone,
                               namespaces=args.namespace or None, clusterwide=not args.namespace,
