@@ -74,12 +74,13 @@ class SeenObjects:
     An event of one of them reconciles its workspace only when something a status is computed
     from changed: its uid, labels, annotations, deletion, spec or status. Bookkeeping updates
     (resourceVersion, managedFields) and the watch echo of a Job the operator has just created
-    (recorded from the create's answer) change none of these. The memory starts empty, so after
-    a restart every object's first event reconciles.
+    (expected before the create, recorded from its answer: the echo may arrive in between) change
+    none of these. The memory starts empty, so after a restart every object's first event reconciles.
     """
 
     def __init__(self) -> None:
         self._digests: dict[tuple, str] = {}
+        self._expected: dict[tuple, str] = {}  # our creates in flight: key -> spec hash
         self._lock = threading.Lock()  # handlers run in kopf's thread pool
 
     @staticmethod
@@ -94,9 +95,18 @@ class SeenObjects:
                            meta.get("deletionTimestamp"), body.get("spec"), body.get("status") or {}],
                           sort_keys=True, default=str)
 
-    def record(self, kind: str, body) -> None:
+    def expect(self, kind: str, body) -> None:
+        """Before our own create: its ADDED event may arrive before the create's answer is recorded."""
         with self._lock:
-            self._digests[self._key(kind, body)] = self._digest(body)
+            self._expected[self._key(kind, body)] = _annotation(body, m.ANNOTATION_SPEC_HASH)
+
+    def record(self, kind: str, body) -> None:
+        """After our own create (``body`` is the answer), or with the request body when it failed."""
+        with self._lock:
+            key = self._key(kind, body)
+            self._expected.pop(key, None)
+            if (body.get("metadata") or {}).get("uid"):
+                self._digests[key] = self._digest(body)
 
     def changed(self, kind: str, body, deleted: bool = False) -> bool:
         """Whether ``body`` differs from what was last seen (and remember it); a deletion always does."""
@@ -107,8 +117,10 @@ class SeenObjects:
                 return True
             if self._digests.get(key) == digest:
                 return False
+            own_echo = key not in self._digests and self._expected.get(key) is not None \
+                and self._expected.get(key) == _annotation(body, m.ANNOTATION_SPEC_HASH)
             self._digests[key] = digest
-            return True
+            return not own_echo
 
 
 class Reconciler:
@@ -285,10 +297,12 @@ class Reconciler:
             self._create_ignoring_conflict(lambda: self.core.create_namespaced_persistent_volume_claim(ws.namespace, pvc))
         job = m.tuning_job(ws, self.settings, config, revision=revision)
         kopf.adopt(job, owner=obj)
+        self.seen.expect("Job", job)
         try:
             created = _json(self.batch.create_namespaced_job, ws.namespace, job)
-        except ApiException as e:
-            if _api_status(e) != 409:
+        except Exception as e:
+            self.seen.record("Job", job)  # no uid: only ends the expectation
+            if not isinstance(e, ApiException) or _api_status(e) != 409:
                 raise
         else:
             log.info("created job %s/%s (revision %s)", ws.namespace, ws.name, revision)
