@@ -305,7 +305,7 @@ def _semantic(cfg: TuningConfig, method: str | None, raw: dict) -> list[Problem]
         p.append(Problem("DatasetConfig.format", f"must be one of {', '.join(DATASET_FORMATS)}, got {d['format']!r}"))
     if d.get("dataset_path") is not None:
         path = posixpath.normpath(posixpath.join("/mnt/data", d["dataset_path"]))
-        if not (path == "/mnt/data" or path.startswith("/mnt/data/")) and not d["dataset_path"].startswith("/mnt/data"):
+        if not (path == "/mnt/data" or path.startswith("/mnt/data/")):
             p.append(Problem("DatasetConfig.dataset_path", f"{d['dataset_path']!r} leaves the input directory /mnt/data"))
     lora = cfg.section("LoraConfig")
     for k in ("r", "lora_alpha"):

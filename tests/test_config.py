@@ -49,6 +49,8 @@ BAD = [
     ({"DatasetConfig": {"train_test_split": 1.5}}, None, "DatasetConfig.train_test_split: must be in (0, 1]"),
     ({"DatasetConfig": {"format": "csv"}}, None, "DatasetConfig.format: must be one of"),
     ({"LoraConfig": {"r": 0}}, None, "LoraConfig.r: must be positive"),
+    ({"DatasetConfig": {"dataset_path": "../config"}}, None, "DatasetConfig.dataset_path: '../config' leaves"),
+    ({"DatasetConfig": {"dataset_path": "/mnt/data/../etc"}}, None, "leaves the input directory"),
     ({"LoraConfig": "r=8"}, None, "LoraConfig: must be a mapping"),
 ]
 
