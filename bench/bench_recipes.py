@@ -156,7 +156,7 @@ def main() -> None:
                 r = json.loads(line[7:])
                 print(json.dumps(r), flush=True)
                 results.append(r)
-    print(f"\n| method | recipe | tokens/s | samples | train s | peak RSS GiB | ratio |\n|---|---|---:|---:|---:|---:|---:|")
+    print("\n| method | recipe | tokens/s | samples | train s | peak RSS GiB | ratio |\n|---|---|---:|---:|---:|---:|---:|")
     for method in args.methods.split(","):
         k, o = (next(r for r in results if r["method"] == method and r["recipe"] == x) for x in ("kaito", "ours"))
         for r in (k, o):

@@ -311,7 +311,7 @@ class Reconciler:
         current = self._get_job(ws.namespace, ws.name)  # created meanwhile, maybe by a previous revision
         if current is not None and _annotation(current, m.ANNOTATION_SPEC_HASH) != m.spec_hash(ws):
             return None, {"reason": "PreviousJobDeleting",
-                          "message": f"waiting for the job of the previous revision to be deleted"}, False
+                          "message": "waiting for the job of the previous revision to be deleted"}, False
         return current, None, False
 
     @staticmethod

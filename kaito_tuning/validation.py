@@ -163,12 +163,11 @@ def _validate_output(dst: DataDestination, path: str) -> list[Problem]:
         if not dst.image_push_secret:
             p.append(Problem(f"{path}.imagePushSecret",
                              "is required with image: name a kubernetes.io/dockerconfigjson secret that can push to it"))
-    if dst.image_push_secret:
-        if not dst.image:
-            p.append(Problem(f"{path}.imagePushSecret", "is only used with image; set image or remove imagePushSecret"))
-        # Not checked against the name grammar: Kaito's quick start uses the placeholder
-        # ACR_REGISTRY_SECRET_HERE, which must be accepted as written. The operator reports a
-        # secret that does not exist (or is of the wrong type) in the workspace status.
+    if dst.image_push_secret and not dst.image:
+        p.append(Problem(f"{path}.imagePushSecret", "is only used with image; set image or remove imagePushSecret"))
+    # The secret's name is not checked against the name grammar: Kaito's quick start uses the placeholder
+    # ACR_REGISTRY_SECRET_HERE, which must be accepted as written. The operator reports a secret that
+    # does not exist (or is of the wrong type) in the workspace status.
     return p
 
 
