@@ -497,6 +497,6 @@ def cli_operator(args) -> int:
                             field="KUBECONFIG") from None
     registry = register(settings)
     asyncio.run(kopf.operator(registry=registry, standalone=args.standalone,
-                              namespaces=args.namespace or None, clusterwide=not args.namespace,
+                              namespaces=args.namespace, clusterwide=not args.namespace,
                               liveness_endpoint=args.liveness))
     return 0
