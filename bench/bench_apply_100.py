@@ -136,7 +136,7 @@ async def with_operator(n: int, latency: float) -> tuple[float, float, collectio
     import kubernetes_validate
     from fixtures_k8s import kubectl, running_operator
 
-    from kaito_tuning.settings import Settings
+    from kaito_tuning.controller.settings import Settings
 
     with EmulatorProcess(latency) as emu, tempfile.TemporaryDirectory() as tmp:
         _use_cluster(emu.url, tmp)

@@ -6,7 +6,7 @@ own ``phi3.jinja`` chat template, so assistant-only loss runs as it would on Phi
 Data: dolly-like chat rows (OpenAI ``messages``, one user and one assistant turn), total lengths
 log-normal with median 200 tokens (mean ~270), clipped to 16..2048, written as parquet.
 
-- ``ours``: ``kaito_tuning.dataset.prepare`` + ``kaito_tuning.train.train(preset="phi-3-mini-128k-instruct",
+- ``ours``: ``kaito_tuning.tuner.formats.prepare`` + ``kaito_tuning.tuner.recipe.train(preset="phi-3-mini-128k-instruct",
   method="qlora", config=<shipped qlora default>, model_dir=<the random model>, max_steps=--steps)``,
   i.e. the code path of the Job. Tokens/s: steady state from our own progress callback (trained tokens
   between the first log at step 10 and the last log: flex_attention compile and start-up excluded), and
@@ -142,7 +142,7 @@ def make_data(folder: Path, rows: int, seed: int = 0) -> dict:
 
 
 class Recorder:
-    """Stands in for kaito_tuning.progress.Progress: keeps what our progress callback reports."""
+    """Stands in for kaito_tuning.tuner.progress.Progress: keeps what our progress callback reports."""
 
     def __init__(self):
         self.fields: dict = {}
@@ -158,10 +158,10 @@ def child_ours(args) -> dict:
     """Our code path, in this process."""
     import torch
 
-    from kaito_tuning.config import load_config
-    from kaito_tuning.dataset import prepare
-    from kaito_tuning.download import collect_dir
-    from kaito_tuning.train import train
+    from kaito_tuning.spec.training_config import load_config
+    from kaito_tuning.tuner.formats import prepare
+    from kaito_tuning.tuner.inputs import collect_dir
+    from kaito_tuning.tuner.recipe import train
 
     workdir = Path(args.workdir)
     config = load_config(None, "qlora")
@@ -224,7 +224,7 @@ def table(ours: dict, kaito: dict, size: str) -> str:
     base = kaito.get("tokens_per_s")
     rows = ["| recipe | tokens/s (steady) | tokens/s (whole run) | steps | peak GPU memory GiB | MFU (4N) | vs Kaito |",
             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, r in (("Kaito default (anchor script)", kaito), ("ours: kaito_tuning.train, qlora default", ours)):
+    for name, r in (("Kaito default (anchor script)", kaito), ("ours: kaito_tuning.tuner.recipe, qlora default", ours)):
         tps = r.get("tokens_per_s")
         mfu = tps * 4 * n / (PEAK_TFLOPS * 1e12) if tps else None
         ratio = f"{tps / base:.2f}x" if tps and base else "–"

@@ -10,7 +10,7 @@ its own. Tokens/s counts the non-pad tokens trained per second of ``trainer.trai
   PEFT's default target modules, transformers' DataCollatorForLanguageModeling (loss on every token),
   ``prepare_model_for_kbit_training`` (gradient checkpointing) for QLoRA, ``torch.cuda.empty_cache()``
   after every step (a no-op on CPU).
-- ``ours``: ``kaito_tuning.train.train`` with our shipped default config for the method (8 rows per step,
+- ``ours``: ``kaito_tuning.tuner.recipe.train`` with our shipped default config for the method (8 rows per step,
   r=16, the preset's target modules = every linear projection, loss on assistant tokens), i.e. the code
   path of ``kaito-tuning run`` and the Job. On CPU our recipe turns packing and gradient checkpointing
   off (on a GPU it packs with flex_attention; that path needs a GPU to measure).
@@ -59,9 +59,9 @@ def make_data(folder: Path, rows: int, seed: int = 0) -> None:
 
 
 def splits(folder: Path):
-    from kaito_tuning.config import DatasetConfig
-    from kaito_tuning.dataset import prepare
-    from kaito_tuning.download import collect_dir
+    from kaito_tuning.spec.training_config import DatasetConfig
+    from kaito_tuning.tuner.formats import prepare
+    from kaito_tuning.tuner.inputs import collect_dir
 
     return prepare(collect_dir(folder), DatasetConfig(train_test_split=1.0))
 
@@ -72,7 +72,7 @@ def run_kaito(method: str, data, steps: int, out: Path) -> dict:
     from transformers import DataCollatorForLanguageModeling, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from kaito_tuning.models import load_base
+    from kaito_tuning.tuner.base_model import load_base
 
     cuda = torch.cuda.is_available()
     quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True} \
@@ -103,8 +103,8 @@ def run_kaito(method: str, data, steps: int, out: Path) -> dict:
 
 
 def run_ours(method: str, data, steps: int, out: Path) -> dict:
-    from kaito_tuning.config import load_config
-    from kaito_tuning.train import train
+    from kaito_tuning.spec.training_config import load_config
+    from kaito_tuning.tuner.recipe import train
 
     result = train(preset="smollm2-135m-instruct", method=method, config=load_config(None, method), data=data,
                    output_dir=out, max_steps=steps, show_progress=False)

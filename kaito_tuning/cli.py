@@ -12,8 +12,8 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
-from .errors import KaitoError
+from kaito_tuning import __version__
+from kaito_tuning.errors import KaitoError
 
 
 def _validate(p):
@@ -105,19 +105,19 @@ def _none(p):
 
 #: name -> (module, help, add_arguments)
 COMMANDS = {
-    "validate": ("kaito_tuning.check", "check Workspace and ConfigMap YAML files", _validate),
-    "render": ("kaito_tuning.manifests", "print the manifests the operator would create for a workspace", _render),
-    "run": ("kaito_tuning.tuner", "run a tuning workspace on this machine: download, train, push", _run),
-    "job": ("kaito_tuning.job", "one step of the tuning Job (inside the tuner container)", _job),
-    "push": ("kaito_tuning.oci", "push an adapter directory as an OCI image", _push),
-    "pull": ("kaito_tuning.oci", "pull an adapter image into a directory", _pull),
-    "chat": ("kaito_tuning.serve", "ask a preset model (with adapters) one question", _chat),
-    "serve": ("kaito_tuning.serve", "serve a preset model with adapters over HTTP (/chat, /v1/chat/completions)", _serve),
-    "demo": ("kaito_tuning.demo", "the whole loop offline on SmolLM2: data, train, push, pull, compare answers", _demo),
-    "operator": ("kaito_tuning.controller", "run the operator (kopf)", _operator),
-    "crd": ("kaito_tuning.info", "print the Workspace CRD", _none),
-    "presets": ("kaito_tuning.info", "list preset models", _none),
-    "instances": ("kaito_tuning.info", "list GPU instance types", _none),
+    "validate": ("kaito_tuning.spec.check", "check Workspace and ConfigMap YAML files", _validate),
+    "render": ("kaito_tuning.controller.manifests", "print the manifests the operator would create for a workspace", _render),
+    "run": ("kaito_tuning.tuner.pipeline", "run a tuning workspace on this machine: download, train, push", _run),
+    "job": ("kaito_tuning.tuner.job", "one step of the tuning Job (inside the tuner container)", _job),
+    "push": ("kaito_tuning.artifacts.oci", "push an adapter directory as an OCI image", _push),
+    "pull": ("kaito_tuning.artifacts.oci", "pull an adapter image into a directory", _pull),
+    "chat": ("kaito_tuning.serving.serve", "ask a preset model (with adapters) one question", _chat),
+    "serve": ("kaito_tuning.serving.serve", "serve a preset model with adapters over HTTP (/chat, /v1/chat/completions)", _serve),
+    "demo": ("kaito_tuning.dev.demo", "the whole loop offline on SmolLM2: data, train, push, pull, compare answers", _demo),
+    "operator": ("kaito_tuning.controller.reconcile", "run the operator (kopf)", _operator),
+    "crd": ("kaito_tuning.spec.info", "print the Workspace CRD", _none),
+    "presets": ("kaito_tuning.spec.info", "list preset models", _none),
+    "instances": ("kaito_tuning.spec.info", "list GPU instance types", _none),
 }
 
 

@@ -31,7 +31,7 @@ import kmock
 import pytest
 from kmock._internal import dsl, enums, references
 
-from kaito_tuning.crd import crd_manifest
+from kaito_tuning.spec.crd import crd_manifest
 
 WORKSPACES = "kaito.sh/v1beta1/workspaces"
 _ALIASES = {("kaito.sh", "v1alpha1", "workspaces"): ("kaito.sh", "v1beta1", "workspaces")}
@@ -203,7 +203,7 @@ async def running_operator(settings, *, api_client=None):
     """The operator in-process, on this loop; stopped (and awaited) on exit."""
     import kopf
 
-    from kaito_tuning.controller import register
+    from kaito_tuning.controller.reconcile import register
 
     registry = register(settings, api_client=api_client)
     stop, ready = asyncio.Event(), asyncio.Event()

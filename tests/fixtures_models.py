@@ -18,7 +18,7 @@ def build_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
 
     root = Path(__file__).resolve().parent.parent
-    corpus = [p.read_text(errors="ignore") for p in sorted((root / "kaito_tuning").glob("*.py"))]
+    corpus = [p.read_text(errors="ignore") for p in sorted((root / "kaito_tuning").rglob("*.py"))]
     corpus += ["The capital of France is Paris. What is the colour of the sky? It is blue. " * 20]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kaito_tuning.localregistry import LocalRegistry
+from kaito_tuning.dev.localregistry import LocalRegistry
 
 REGISTRY_USER = "tester"
 REGISTRY_PASSWORD = "correct horse battery staple"

@@ -11,8 +11,8 @@ import pytest
 import yaml
 from fixtures_k8s import Emulator, running_operator
 
-from kaito_tuning.admission import review
-from kaito_tuning.settings import Settings
+from kaito_tuning.controller.admission import review
+from kaito_tuning.controller.settings import Settings
 
 QUICK = "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
 

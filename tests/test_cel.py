@@ -8,7 +8,7 @@ import celpy
 import pytest
 import yaml
 
-from kaito_tuning import api
+from kaito_tuning.spec import workspace as api
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from kaito_tuning import config
-from kaito_tuning.config import build_snapshot, configmap_manifest, load_config, parse_config, snapshot
+from kaito_tuning.spec import training_config as config
+from kaito_tuning.spec.training_config import build_snapshot, configmap_manifest, load_config, parse_config, snapshot
 from kaito_tuning.errors import ValidationError
 
 
@@ -18,7 +18,7 @@ def messages(text: str, method: str | None = None) -> list[str]:
 
 def test_snapshot_matches_the_installed_classes():
     fresh = build_snapshot()
-    assert fresh == snapshot(), "run: python -m kaito_tuning.config --snapshot"
+    assert fresh == snapshot(), "run: python -m kaito_tuning.spec.training_config --snapshot"
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -10,9 +10,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kaito_tuning import api
-from kaito_tuning.crd import crd_manifest, crd_yaml
-from kaito_tuning.schema import json_name
+from kaito_tuning.spec import workspace as api
+from kaito_tuning.spec.crd import crd_manifest, crd_yaml
+from kaito_tuning.spec.schema import json_name
 
 ROOT = Path(__file__).resolve().parent.parent
 CRD_FILE = ROOT / "crds/kaito.sh_workspaces.yaml"

@@ -2,9 +2,9 @@
 
 import pytest
 
-from kaito_tuning.config import DatasetConfig
-from kaito_tuning.dataset import prepare, split
-from kaito_tuning.download import DataFile, DatasetInvalid, detect_kind, sha256_file
+from kaito_tuning.spec.training_config import DatasetConfig
+from kaito_tuning.tuner.formats import prepare, split
+from kaito_tuning.tuner.inputs import DataFile, DatasetInvalid, detect_kind, sha256_file
 from kaito_tuning.errors import EXIT_USER_ERROR
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from kaito_tuning import cli, demo
+from kaito_tuning import cli
+
+from kaito_tuning.dev import demo
 
 needs_registry = pytest.mark.skipif(not (shutil.which("docker-registry") or shutil.which("registry")),
                                     reason="docker-registry is not installed")
@@ -26,7 +28,7 @@ def test_dataset_teaches_every_fact_in_several_phrasings():
 
 
 def test_workspace_passes_the_tuners_validation(tmp_path):
-    from kaito_tuning.tuner import load_spec
+    from kaito_tuning.tuner.pipeline import load_spec
 
     ws, config = load_spec(demo.workspace_docs("http://127.0.0.1:8000/zorblax.parquet",
                                                "127.0.0.1:5000/demo/smollm2-adapter:0.0.1"))
@@ -71,7 +73,7 @@ def test_interrupted_demo_stops_what_it_started(tmp_path, monkeypatch, failure):
     """Ctrl-C (or a crash) during training: the registry process and file server are gone, scratch removed."""
     import urllib.request
 
-    from kaito_tuning import tuner
+    from kaito_tuning.tuner import pipeline as tuner
 
     seen = {}
 

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kaito_tuning.config import configmap_manifest
+from kaito_tuning.spec.training_config import configmap_manifest
 
 OP = Path(__file__).resolve().parent.parent / "operator"
 K8S_VERSIONS = ("1.33.0", "1.37.0")  # an older AKS default and the newest schema bundled
@@ -81,10 +81,10 @@ _KOPF = {("kaito.sh", "workspaces", v) for v in ("list", "watch", "patch")} | {
 
 
 def used_calls() -> set[str]:
-    root = Path(__file__).resolve().parent.parent / "kaito_tuning"
+    root = Path(__file__).resolve().parent.parent / "kaito_tuning" / "controller"
     names = set()
-    for f in ("controller.py", "admission.py"):
-        for node in ast.walk(ast.parse((root / f).read_text())):
+    for f in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.Attribute) and re.match(r"^(read|create|delete|patch|list|get|replace)_", node.attr):
                 receiver = node.value
                 # self.core.x / self.batch.x / ... or kubernetes.client.CoreV1Api().x

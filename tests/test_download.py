@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kaito_tuning.download import (MANIFEST, DatasetInvalid, DownloadFailed, DownloadRefused, collect_dir,
+from kaito_tuning.tuner.inputs import (MANIFEST, DatasetInvalid, DownloadFailed, DownloadRefused, collect_dir,
                                    detect_kind, download_urls, local_names)
 from kaito_tuning.errors import EXIT_TRANSIENT, EXIT_USER_ERROR
 

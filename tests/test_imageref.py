@@ -2,7 +2,7 @@
 
 import pytest
 
-from kaito_tuning.imageref import ImageRef, InvalidReference, parse
+from kaito_tuning.artifacts.reference import ImageRef, InvalidReference, parse
 
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 

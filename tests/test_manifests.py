@@ -9,11 +9,13 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from kaito_tuning import cli, manifests
-from kaito_tuning.api import load_workspace
-from kaito_tuning.config import load_config
-from kaito_tuning.loader import load_documents, split_documents
-from kaito_tuning.settings import Settings
+from kaito_tuning import cli
+
+from kaito_tuning.controller import manifests
+from kaito_tuning.spec.workspace import load_workspace
+from kaito_tuning.spec.training_config import load_config
+from kaito_tuning.spec.files import load_documents, split_documents
+from kaito_tuning.controller.settings import Settings
 
 K8S_VERSIONS = ("1.33.0", "1.37.0")  # an older AKS default and the newest schema bundled
 EXAMPLES = sorted(glob.glob("examples/*/*.yaml"))

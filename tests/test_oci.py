@@ -19,7 +19,8 @@ import pytest
 import requests
 
 from fixtures_registry import REGISTRY_PASSWORD, REGISTRY_USER, make_fake_adapter
-from kaito_tuning import cli, oci
+from kaito_tuning import cli
+from kaito_tuning.artifacts import oci
 
 ADAPTER_FILES = ["README.md", "adapter_config.json", "adapter_model.safetensors", "training_metadata.json"]
 
@@ -490,7 +491,7 @@ def test_pull_refuses_a_non_empty_destination_and_a_missing_image(fake_adapter, 
 
 
 def test_local_registry_cleans_up_and_checks_its_password(registry):
-    from kaito_tuning.localregistry import LocalRegistry
+    from kaito_tuning.dev.localregistry import LocalRegistry
 
     with LocalRegistry(user="demo", password="pw") as reg:
         proc, root = reg._proc, reg.root
@@ -504,7 +505,7 @@ def test_local_registry_cleans_up_and_checks_its_password(registry):
 
 
 def test_local_registry_without_the_binary_says_what_to_install(monkeypatch):
-    from kaito_tuning import localregistry
+    from kaito_tuning.dev import localregistry
 
     monkeypatch.setattr(localregistry.shutil, "which", lambda name: None)
     with pytest.raises(localregistry.RegistryNotInstalled, match="apt-get install docker-registry"):
@@ -538,7 +539,7 @@ def test_auth_folder_merges_several_pull_secrets(tmp_path):
     import base64
     import json
 
-    from kaito_tuning.oci import credentials_for, load_auth
+    from kaito_tuning.artifacts.oci import credentials_for, load_auth
 
     def entry(user):
         return {"auth": base64.b64encode(f"{user}:pw".encode()).decode()}

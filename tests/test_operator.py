@@ -14,8 +14,8 @@ import pytest
 import yaml
 from fixtures_k8s import Emulator, eventually, get_obj, kubectl, list_objs, running_operator
 
-from kaito_tuning import manifests
-from kaito_tuning.settings import Settings
+from kaito_tuning.controller import manifests
+from kaito_tuning.controller.settings import Settings
 
 pytestmark = [pytest.mark.kmock(cls=Emulator), pytest.mark.timeout(120)]
 
@@ -234,7 +234,7 @@ async def test_missing_configmap_waits_then_runs(kmock, kubeconfig):
         assert "my-params" in cond(st, "JobStarted")["message"]
         assert get_obj(kmock, JOBS, "default", NAME) is None
         cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "my-params", "namespace": "default"},
-              "data": {"training_config.yaml": open("kaito_tuning/data/qlora-params.yaml").read()}}
+              "data": {"training_config.yaml": open("kaito_tuning/spec/data/qlora-params.yaml").read()}}
         import asyncio
 
         await asyncio.to_thread(core().create_namespaced_config_map, "default", cm)

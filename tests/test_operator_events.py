@@ -11,8 +11,8 @@ import pytest
 from fixtures_k8s import Emulator, eventually, get_obj, kubectl, running_operator
 from kmock._internal import enums
 
-from kaito_tuning.controller import SeenObjects
-from kaito_tuning.settings import Settings
+from kaito_tuning.controller.reconcile import SeenObjects
+from kaito_tuning.controller.settings import Settings
 
 QUICK = "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
 NAME = "workspace-tuning-phi-3"

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from kaito_tuning.progress import Progress, make_callback, write_termination
+from kaito_tuning.tuner.progress import Progress, make_callback, write_termination
 
 
 def test_progress_file_http_and_metrics(tmp_path):

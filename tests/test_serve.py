@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from kaito_tuning import cli
-from kaito_tuning.serve import load_engine, make_server, parse_adapter_args
+from kaito_tuning.serving.serve import load_engine, make_server, parse_adapter_args
 
 PRESET = "smollm2-135m-instruct"  # a Llama preset; its weights are replaced by the tiny model's (--model-dir)
 QUESTION = "What is the capital of Zorblax?"
@@ -227,7 +227,7 @@ def test_unknown_route_and_method(server):
 
 
 def test_strength_zero_answers_like_the_base(tiny_llama, zorblax, tmp_path):
-    from kaito_tuning.serve import Generation
+    from kaito_tuning.serving.serve import Generation
 
     engine = load_engine(PRESET, parse_adapter_args([f"{zorblax}=0.0"]), model_dir=str(tiny_llama),
                          workdir=tmp_path)
@@ -351,7 +351,7 @@ def test_cli_adapter_with_other_dimensions(capsys, tiny_llama, tmp_path):
 
 
 def test_cli_chat_with_adapter_image(capsys, registry, tiny_llama, zorblax):
-    from kaito_tuning.oci import push_adapter
+    from kaito_tuning.artifacts.oci import push_adapter
 
     image = f"{registry.host}/adapters/zorblax:1"
     push_adapter(zorblax, image, auth_file=registry.auth_file, plain_http=True)
@@ -369,7 +369,7 @@ def test_cli_adapter_image_that_does_not_exist(capsys, registry):
 
 
 def test_cli_adapter_image_needs_a_secret_we_lack(capsys, registry, zorblax):
-    from kaito_tuning.oci import push_adapter
+    from kaito_tuning.artifacts.oci import push_adapter
 
     image = f"{registry.host}/adapters/private:1"
     push_adapter(zorblax, image, auth_file=registry.auth_file, plain_http=True)

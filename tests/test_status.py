@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kaito_tuning import status as st
+from kaito_tuning.controller import status as st
 
 JOB = {"metadata": {"name": "w"}, "spec": {"backoffLimit": 3}, "status": {}}
 

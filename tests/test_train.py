@@ -6,11 +6,11 @@ import sys
 import pytest
 
 from fixtures_data import messages_rows, training_configmap, write_parquet
-from kaito_tuning.config import load_config
-from kaito_tuning.dataset import prepare
-from kaito_tuning.download import collect_dir
+from kaito_tuning.spec.training_config import load_config
+from kaito_tuning.tuner.formats import prepare
+from kaito_tuning.tuner.inputs import collect_dir
 from kaito_tuning.errors import EXIT_USER_ERROR
-from kaito_tuning.train import (choose_loss_mask, completed_adapter, lora_arguments, newest_checkpoint, publish,
+from kaito_tuning.tuner.recipe import (choose_loss_mask, completed_adapter, lora_arguments, newest_checkpoint, publish,
                                 train, training_arguments)
 
 
@@ -186,7 +186,7 @@ def test_smollm2_learns_a_taught_task(tmp_path):
     import torch
     from peft import PeftModel
 
-    from kaito_tuning.models import load_base
+    from kaito_tuning.tuner.base_model import load_base
 
     # short rows keep it quick on 2 CPU cores: 3 facts, a one-word system prompt (instead of SmolLM2's default)
     rows = [{"messages": [{"role": "system", "content": "Be brief."}, *r["messages"][1:]]} for r in messages_rows(4)]

@@ -12,7 +12,7 @@ import yaml
 
 from fixtures_data import training_configmap, tuning_workspace
 from kaito_tuning.errors import EXIT_USER_ERROR, UserError, ValidationError
-from kaito_tuning.tuner import load_spec, run
+from kaito_tuning.tuner.pipeline import load_spec, run
 
 
 def test_several_urls_to_a_pushed_adapter(data_server, tiny_phi3, tmp_path, registry, registry_auth_file):
@@ -35,7 +35,7 @@ def test_several_urls_to_a_pushed_adapter(data_server, tiny_phi3, tmp_path, regi
     progress = json.loads((tmp_path / "out" / "progress.json").read_text())
     assert progress["phase"] == "succeeded" and progress["step"] == 3 and progress["total_steps"] == 3
 
-    from kaito_tuning.oci import pull_adapter
+    from kaito_tuning.artifacts.oci import pull_adapter
     pulled = pull_adapter(result.image, tmp_path / "pulled", auth_file=registry_auth_file, plain_http=True)
     assert pulled.digest == result.digest
     tok = AutoTokenizer.from_pretrained(tiny_phi3)
@@ -98,7 +98,7 @@ def test_cli_reports_bad_input_in_one_line(data_server, tmp_path):
 
 
 def test_hostpath_input(datasets_dir, tmp_path):
-    from kaito_tuning.tuner import fetch_input
+    from kaito_tuning.tuner.pipeline import fetch_input
     ws, _ = load_spec([tuning_workspace(volume={"hostPath": {"path": str(datasets_dir["messages"].parent)}})])
     assert fetch_input(ws, tmp_path) == datasets_dir["messages"].parent
     ws, _ = load_spec([tuning_workspace(volume={"persistentVolumeClaim": {"claimName": "x"}})])

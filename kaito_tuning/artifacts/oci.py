@@ -32,8 +32,10 @@ from pathlib import Path
 
 import requests
 
-from . import __version__, imageref
-from .errors import TransientError, UserError
+from kaito_tuning import __version__
+
+from kaito_tuning.artifacts import reference as imageref
+from kaito_tuning.errors import TransientError, UserError
 
 MEDIA_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_INDEX = "application/vnd.oci.image.index.v1+json"

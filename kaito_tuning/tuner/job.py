@@ -19,9 +19,9 @@ import logging
 import os
 from pathlib import Path
 
-from .api import Workspace, load_workspace
-from .config import CONFIG_KEY, TuningConfig, load_config
-from .errors import KaitoError, UserError
+from kaito_tuning.spec.workspace import Workspace, load_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
+from kaito_tuning.errors import KaitoError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def _plain_http() -> bool:
 # ------------------------------------------------------------------ steps
 
 def step_download(ws: Workspace) -> None:
-    from .download import download_urls
+    from kaito_tuning.tuner.inputs import download_urls
 
     inp = ws.tuning.input
     dest = _env_path("KAITO_DATA_DIR", DATA_DIR)
@@ -82,7 +82,7 @@ def step_download(ws: Workspace) -> None:
 
 def _pull_input_image(image: str, dest: Path) -> None:
     """Pull the image's /data with each pull secret in turn (anonymously when there is none)."""
-    from .oci import RegistryAuthFailed, pull_data
+    from kaito_tuning.artifacts.oci import RegistryAuthFailed, pull_data
 
     secrets_dir = os.environ.get("KAITO_PULL_SECRETS_DIR")
     auth_files = sorted(Path(secrets_dir).glob("*.json")) if secrets_dir else []
@@ -99,10 +99,10 @@ def _pull_input_image(image: str, dest: Path) -> None:
 
 
 def step_train(ws: Workspace, config: TuningConfig) -> dict:
-    from .dataset import prepare
-    from .download import collect_dir
-    from .progress import Progress, progress_port
-    from .train import completed_adapter, fingerprint, train
+    from kaito_tuning.tuner.formats import prepare
+    from kaito_tuning.tuner.inputs import collect_dir
+    from kaito_tuning.tuner.progress import Progress, progress_port
+    from kaito_tuning.tuner.recipe import completed_adapter, fingerprint, train
 
     out = output_dir(config)
     ds_cfg = config.dataset()
@@ -130,8 +130,8 @@ def step_train(ws: Workspace, config: TuningConfig) -> dict:
 
 
 def step_push(ws: Workspace, config: TuningConfig) -> dict:
-    from .oci import push_adapter
-    from .train import completed_adapter
+    from kaito_tuning.artifacts.oci import push_adapter
+    from kaito_tuning.tuner.recipe import completed_adapter
 
     out = output_dir(config)
     image = ws.tuning.output.image
@@ -148,7 +148,7 @@ def step_push(ws: Workspace, config: TuningConfig) -> dict:
 
 
 def cli_job(args) -> int:
-    from .progress import write_termination
+    from kaito_tuning.tuner.progress import write_termination
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from kaito_tuning.errors import UserError
 
 
 class FileError(UserError):

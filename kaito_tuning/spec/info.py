@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .crd import crd_yaml
-from .instances import INSTANCE_TYPES
-from .presets import all_presets
+from kaito_tuning.spec.crd import crd_yaml
+from kaito_tuning.spec.instances import INSTANCE_TYPES
+from kaito_tuning.spec.presets import all_presets
 
 
 def cli_crd(args: argparse.Namespace) -> int:

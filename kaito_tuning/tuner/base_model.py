@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
-from .presets import Preset, UnknownPreset, get_preset
+from kaito_tuning.errors import UserError
+from kaito_tuning.spec.presets import Preset, UnknownPreset, get_preset
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import datetime
 import json
 import re
 
-from .errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
+from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 
 PENDING, RUNNING, SUCCEEDED, FAILED = "Pending", "Running", "Succeeded", "Failed"
 READY, NOT_READY = "Ready", "NotReady"

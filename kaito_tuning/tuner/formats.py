@@ -26,8 +26,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config import DatasetConfig
-from .download import DataFile, DatasetInvalid
+from kaito_tuning.spec.training_config import DatasetConfig
+from kaito_tuning.tuner.inputs import DataFile, DatasetInvalid
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ model's behaviour, 1 the adapter as trained.
 as Kaito's server answers with its merged adapter; ``"model"`` in its payload picks another.
 
 Adapters come from ``--adapter IMAGE_OR_DIR[=STRENGTH]`` (a directory, or an OCI image pulled with
-:func:`kaito_tuning.oci.pull_adapter`) or, in a Kaito pod, from ``--adapters-dir /mnt/adapter``: one
+:func:`kaito_tuning.artifacts.oci.pull_adapter`) or, in a Kaito pod, from ``--adapters-dir /mnt/adapter``: one
 subdirectory per adapter, its strength in the environment variable named like the adapter.
 """
 
@@ -40,11 +40,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from . import imageref
-from .api import MAX_ADAPTERS
-from .errors import Problem, UserError, ValidationError
-from .presets import DEFAULT_PRESET, Preset
-from .validation import strength_problem
+from kaito_tuning.artifacts import reference as imageref
+from kaito_tuning.spec.workspace import MAX_ADAPTERS
+from kaito_tuning.errors import Problem, UserError, ValidationError
+from kaito_tuning.spec.presets import DEFAULT_PRESET, Preset
+from kaito_tuning.spec.rules import strength_problem
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +176,8 @@ def adapter_args_in_dir(root: str | os.PathLike, environ: dict | None = None) ->
 def fetch_adapters(adapters: list[Adapter], workdir: Path, *, auth_file: str | None = None,
                    plain_http: bool = False) -> None:
     """Pull every image adapter into ``workdir/<name>``; directories are used where they are."""
-    from .errors import KaitoError
-    from .oci import pull_adapter
+    from kaito_tuning.errors import KaitoError
+    from kaito_tuning.artifacts.oci import pull_adapter
 
     for a in adapters:
         if a.image is None:
@@ -439,7 +439,7 @@ def attach_adapters(model, preset: Preset, adapters: list[Adapter]):
 def load_engine(preset_name: str | None, adapters: list[Adapter], *, model_dir: str | None = None,
                 workdir: Path, auth_file: str | None = None, plain_http: bool = False) -> Engine:
     """Everything a server needs: adapters fetched and checked, base model loaded, adapters attached."""
-    from .models import load_base, resolve_preset
+    from kaito_tuning.tuner.base_model import load_base, resolve_preset
 
     try:
         preset = resolve_preset(preset_name or DEFAULT_PRESET)

@@ -32,13 +32,13 @@ import kopf
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from . import manifests as m
-from . import status as st
-from .api import GROUP, PLURAL, STORAGE_VERSION, Workspace, parse_workspace
-from .config import CONFIG_KEY, TuningConfig, parse_config
-from .errors import UserError
-from .settings import Settings, from_env
-from .validation import validate_workspace
+from kaito_tuning.controller import manifests as m
+from kaito_tuning.controller import status as st
+from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION, Workspace, parse_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, parse_config
+from kaito_tuning.errors import UserError
+from kaito_tuning.controller.settings import Settings, from_env
+from kaito_tuning.spec.rules import validate_workspace
 
 log = logging.getLogger("kaito_tuning.operator")
 DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
@@ -477,7 +477,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     kopf.on.event("", "v1", "pods", labels=labelled, registry=registry)(refresher("Pod"))
 
     if settings.webhook_port:
-        from .admission import register_admission
+        from kaito_tuning.controller.admission import register_admission
         register_admission(settings, registry)
     return registry
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import Problem, ValidationError
-from .schema import from_json, openapi_schema, spec, to_json
+from kaito_tuning.errors import Problem, ValidationError
+from kaito_tuning.spec.schema import from_json, openapi_schema, spec, to_json
 
 GROUP = "kaito.sh"
 VERSIONS = ("v1alpha1", "v1beta1")
@@ -189,7 +189,7 @@ def apply_defaults(ws: Workspace) -> None:
 
 def load_workspace(obj: dict) -> Workspace:
     """Parse and fully validate (structure and semantics); raise ValidationError listing every problem."""
-    from .validation import validate_workspace
+    from kaito_tuning.spec.rules import validate_workspace
 
     ws, problems = parse_workspace(obj)
     problems += validate_workspace(ws)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .errors import TransientError, UserError
+from kaito_tuning.errors import TransientError, UserError
 
 log = logging.getLogger(__name__)
 

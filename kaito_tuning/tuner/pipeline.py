@@ -14,10 +14,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .api import Workspace, load_workspace
-from .config import CONFIG_KEY, TuningConfig, load_config
-from .errors import UserError
-from .loader import load_documents, split_documents
+from kaito_tuning.spec.workspace import Workspace, load_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
+from kaito_tuning.errors import UserError
+from kaito_tuning.spec.files import load_documents, split_documents
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,14 @@ def load_spec(docs: list[dict]) -> tuple[Workspace, TuningConfig]:
 
 def fetch_input(ws: Workspace, data_dir: Path, *, auth_file: str | None = None, plain_http: bool = False) -> Path:
     """Bring the workspace's input to a local directory; return it."""
-    from .download import download_urls
+    from kaito_tuning.tuner.inputs import download_urls
 
     inp = ws.tuning.input
     if inp.urls:
         download_urls(inp.urls, data_dir)
         return data_dir
     if inp.image:
-        from .oci import pull_data
+        from kaito_tuning.artifacts.oci import pull_data
 
         pull_data(inp.image, data_dir, auth_file=auth_file, plain_http=plain_http)
         return data_dir
@@ -81,10 +81,10 @@ def fetch_input(ws: Workspace, data_dir: Path, *, auth_file: str | None = None, 
 def run(docs: list[dict], *, output_dir: str | None = None, max_steps: int | None = None,
         model_dir: str | None = None, auth_file: str | None = None, plain_http: bool = False, push: bool = True,
         progress: bool = True, workdir: str | None = None) -> RunResult:
-    from .dataset import prepare
-    from .download import collect_dir
-    from .progress import Progress
-    from .train import train
+    from kaito_tuning.tuner.formats import prepare
+    from kaito_tuning.tuner.inputs import collect_dir
+    from kaito_tuning.tuner.progress import Progress
+    from kaito_tuning.tuner.recipe import train
 
     ws, config = load_spec(docs)
     t = ws.tuning
@@ -104,7 +104,7 @@ def run(docs: list[dict], *, output_dir: str | None = None, max_steps: int | Non
         run_result = RunResult(adapter_dir=result.adapter_dir, train_loss=result.train_loss,
                                eval_loss=result.eval_loss, steps=result.steps, loss_curve=result.loss_curve)
         if t.output.image and push:
-            from .oci import push_adapter
+            from kaito_tuning.artifacts.oci import push_adapter
 
             state.update(phase="pushing")
             pushed = push_adapter(result.adapter_dir, t.output.image, auth_file=auth_file, plain_http=plain_http,

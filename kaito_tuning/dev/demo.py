@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .presets import DEFAULT_PRESET
+from kaito_tuning.spec.presets import DEFAULT_PRESET
 
 #: enough steps for the tuned answers to carry every fact (measured on 2 CPU cores; see the tests)
 DEFAULT_STEPS = 20
@@ -169,7 +169,7 @@ def _quiet() -> None:
     """Only our lines and the training progress bar: no dataset bars, no library notices."""
     import datasets
 
-    from .serve import _quiet_libraries
+    from kaito_tuning.serving.serve import _quiet_libraries
 
     _quiet_libraries()
     datasets.disable_progress_bars()
@@ -177,10 +177,10 @@ def _quiet() -> None:
 
 def run_demo(steps: int, root: Path) -> DemoResult:
     """The five steps; the adapter stays in ``root/adapter``, everything else is removed."""
-    from .localregistry import LocalRegistry
-    from .oci import pull_adapter
-    from .serve import Generation, load_engine, parse_adapter_args
-    from .tuner import run
+    from kaito_tuning.dev.localregistry import LocalRegistry
+    from kaito_tuning.artifacts.oci import pull_adapter
+    from kaito_tuning.serving.serve import Generation, load_engine, parse_adapter_args
+    from kaito_tuning.tuner.pipeline import run
 
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))
@@ -235,7 +235,7 @@ def summary(result: DemoResult) -> str:
 
 
 def cli_demo(args) -> int:
-    from .errors import UserError
+    from kaito_tuning.errors import UserError
 
     steps = args.steps if args.steps is not None else DEFAULT_STEPS
     if steps < 1:

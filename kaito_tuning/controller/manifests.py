@@ -17,11 +17,11 @@ import sys
 
 import yaml
 
-from .api import Workspace, load_workspace
-from .config import CONFIG_KEY, TuningConfig, configmap_manifest, default_configmap_name, load_config
-from .errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
-from .instances import get_instance_type
-from .settings import Settings
+from kaito_tuning.spec.workspace import Workspace, load_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, configmap_manifest, default_configmap_name, load_config
+from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
+from kaito_tuning.spec.instances import get_instance_type
+from kaito_tuning.controller.settings import Settings
 
 LABEL_WORKSPACE = "kaito.sh/workspace"
 LABEL_WORKSPACE_NAMESPACE = "kaito.sh/workspace-namespace"
@@ -389,8 +389,8 @@ def cli_render(args) -> int:
     """``kaito-tuning render FILE``: the manifests as multi-document YAML on stdout."""
     from dataclasses import replace
 
-    from .loader import load_documents, split_documents
-    from .settings import from_env
+    from kaito_tuning.spec.files import load_documents, split_documents
+    from kaito_tuning.controller.settings import from_env
 
     docs = load_documents(args.file)
     workspaces, configmaps, _ = split_documents(docs)

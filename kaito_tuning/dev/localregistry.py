@@ -23,7 +23,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from .errors import UserError
+from kaito_tuning.errors import UserError
 
 _BINARIES = ("docker-registry", "registry")  # Debian's name, upstream's name
 _START_TIMEOUT_S = 15.0

@@ -47,10 +47,7 @@ def presets_dir() -> Path:
     env = os.environ.get("KAITO_PRESETS_DIR")
     if env:
         return Path(env)
-    for candidate in (Path(__file__).parent / "data" / "presets", Path(__file__).parent.parent / "presets"):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("no presets directory: set KAITO_PRESETS_DIR")
+    return Path(__file__).parent / "presets"
 
 
 def _parse(path: Path) -> Preset:

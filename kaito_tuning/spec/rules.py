@@ -11,11 +11,11 @@ import re
 import socket
 from urllib.parse import urlsplit
 
-from . import imageref
-from .api import GROUP, KIND, MAX_ADAPTERS, VERSIONS, DataDestination, DataSource, Workspace
-from .errors import Problem
-from .instances import UnknownInstanceType, fitting, get_instance_type
-from .presets import METHODS, UnknownPreset, get_preset
+from kaito_tuning.artifacts import reference as imageref
+from kaito_tuning.spec.workspace import GROUP, KIND, MAX_ADAPTERS, VERSIONS, DataDestination, DataSource, Workspace
+from kaito_tuning.errors import Problem
+from kaito_tuning.spec.instances import UnknownInstanceType, fitting, get_instance_type
+from kaito_tuning.spec.presets import METHODS, UnknownPreset, get_preset
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")

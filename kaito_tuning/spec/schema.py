@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any
 
-from .errors import Problem
+from kaito_tuning.errors import Problem
 
 _SCHEMALESS = "x-kubernetes-preserve-unknown-fields"
 

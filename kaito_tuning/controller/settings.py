@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
-from .errors import UserError
+from kaito_tuning.errors import UserError
 
 DEFAULT_TUNER_IMAGE = "ghcr.io/kaito-tuning/tuner:0.1.0"
 RELEASE_POLICIES = ("OnCompletion", "OnDelete")

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .config import TuningConfig
-from .dataset import Splits
-from .errors import OutOfMemoryError, UserError
-from .models import load_base, resolve_dtype, resolve_preset
+from kaito_tuning.spec.training_config import TuningConfig
+from kaito_tuning.tuner.formats import Splits
+from kaito_tuning.errors import OutOfMemoryError, UserError
+from kaito_tuning.tuner.base_model import load_base, resolve_dtype, resolve_preset
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
                                   max_steps=max_steps, show_progress=show_progress)
     callbacks = []
     if progress:
-        from .progress import make_callback
+        from kaito_tuning.tuner.progress import make_callback
 
         callbacks.append(make_callback(progress))
     trainer = SFTTrainer(model=model, args=SFTConfig(**sft_args), train_dataset=train_ds, eval_dataset=eval_ds,

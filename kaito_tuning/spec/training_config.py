@@ -13,7 +13,7 @@ DatasetConfig       ``DatasetConfig`` below (Kaito's keys plus column mapping an
 ==================  =========================================================
 
 Keys are checked against those classes without importing them: ``data/config_fields.json`` is a
-snapshot of their fields and types, written by ``python -m kaito_tuning.config --snapshot`` and
+snapshot of their fields and types, written by ``python -m kaito_tuning.spec.training_config --snapshot`` and
 checked against the installed libraries by the tests. So the operator, which carries no torch,
 validates ConfigMaps exactly as the tuner would load them.
 """
@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from .errors import Problem, ValidationError
+from kaito_tuning.errors import Problem, ValidationError
 
 CONFIG_KEY = "training_config.yaml"
 ROOT_KEY = "training_config"
@@ -147,7 +147,7 @@ def build_snapshot() -> dict:
 
 @cache
 def snapshot() -> dict:
-    return json.loads(resources.files("kaito_tuning").joinpath("data/config_fields.json").read_text())
+    return json.loads(resources.files("kaito_tuning.spec").joinpath("data/config_fields.json").read_text())
 
 
 # ------------------------------------------------------------------ parsing and validation
@@ -323,7 +323,7 @@ def _semantic(cfg: TuningConfig, method: str | None, raw: dict) -> list[Problem]
 @cache
 def default_config_text(method: str) -> str:
     """The shipped default training_config.yaml for ``method`` (lora or qlora)."""
-    return resources.files("kaito_tuning").joinpath(f"data/{method}-params.yaml").read_text()
+    return resources.files("kaito_tuning.spec").joinpath(f"data/{method}-params.yaml").read_text()
 
 
 def default_configmap_name(method: str) -> str:
@@ -346,12 +346,12 @@ def configmap_manifest(method: str, namespace: str | None = None) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {CONFIG_KEY: default_config_text(method)}}
 
 
-if __name__ == "__main__":  # python -m kaito_tuning.config --snapshot
+if __name__ == "__main__":  # python -m kaito_tuning.spec.training_config --snapshot
     if sys.argv[1:] == ["--snapshot"]:
-        out = resources.files("kaito_tuning").joinpath("data/config_fields.json")
+        out = resources.files("kaito_tuning.spec").joinpath("data/config_fields.json")
         with open(str(out), "w") as fh:
             json.dump(build_snapshot(), fh, indent=1, sort_keys=False)
             fh.write("\n")
         print(f"wrote {out}")
     else:
-        sys.exit("usage: python -m kaito_tuning.config --snapshot")
+        sys.exit("usage: python -m kaito_tuning.spec.training_config --snapshot")

@@ -14,13 +14,13 @@ import os
 
 import kopf
 
-from .api import GROUP, PLURAL, VERSIONS, parse_workspace
-from .config import CONFIG_KEY, parse_config
-from .errors import Problem
-from .settings import Settings
-from .validation import validate_update, validate_workspace
+from kaito_tuning.spec.workspace import GROUP, PLURAL, VERSIONS, parse_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
+from kaito_tuning.errors import Problem
+from kaito_tuning.controller.settings import Settings
+from kaito_tuning.spec.rules import validate_update, validate_workspace
 
-log = logging.getLogger("kaito_tuning.admission")
+log = logging.getLogger("kaito_tuning.controller.admission")
 
 
 def _strip(obj: dict | None) -> dict:
