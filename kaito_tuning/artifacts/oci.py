@@ -33,7 +33,6 @@ from pathlib import Path
 import requests
 
 from kaito_tuning import __version__
-
 from kaito_tuning.artifacts import reference as imageref
 from kaito_tuning.errors import TransientError, UserError
 
@@ -48,9 +47,8 @@ _MANIFEST_ACCEPT = ", ".join([MEDIA_MANIFEST, MEDIA_INDEX, DOCKER_MANIFEST, DOCK
 _TAR_LAYERS = re.compile(r"^application/vnd\.(oci\.image\.layer(\.nondistributable)?\.v1\.tar(\+gzip)?"
                          r"|docker\.image\.rootfs\.(foreign\.)?diff\.tar(\.gzip)?)$")
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-METADATA_FILE = "training_metadata.json"
+from kaito_tuning.contract import ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE  # noqa: E402
+
 #: files of the adapter directory that never go into the image: checkpoints and trainer state
 _EXCLUDED = re.compile(r"^\.|\.(bin|pt|pth|ckpt|tmp|lock)$|^progress\.json$")
 

@@ -14,11 +14,11 @@ import os
 
 import kopf
 
-from kaito_tuning.spec.workspace import GROUP, PLURAL, VERSIONS, parse_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
-from kaito_tuning.errors import Problem
 from kaito_tuning.controller.settings import Settings
+from kaito_tuning.errors import Problem
 from kaito_tuning.spec.rules import validate_update, validate_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
+from kaito_tuning.spec.workspace import GROUP, PLURAL, VERSIONS, parse_workspace
 
 log = logging.getLogger("kaito_tuning.controller.admission")
 

@@ -17,22 +17,38 @@ import sys
 
 import yaml
 
-from kaito_tuning.spec.workspace import Workspace, load_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, configmap_manifest, default_configmap_name, load_config
+from kaito_tuning.contract import (
+    ADAPTER_DIR,
+    ANNOTATION_REVISION,
+    ANNOTATION_SPEC_HASH,
+    CONFIG_DIR,
+    DATA_DIR,
+    ENV_PULL_SECRETS_DIR,
+    ENV_PUSH_AUTH_FILE,
+    ENV_WORKSPACE,
+    HF_CACHE_DIR,
+    LABEL_WORKSPACE,
+    LABEL_WORKSPACE_NAMESPACE,
+    PROGRESS_PORT,
+    PULL_SECRETS_DIR,
+    PUSH_AUTH_FILE,
+    PUSH_SECRET_DIR,
+    SERVER_PORT,
+)
+from kaito_tuning.controller.settings import Settings
 from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
 from kaito_tuning.spec.instances import get_instance_type
-from kaito_tuning.controller.settings import Settings
+from kaito_tuning.spec.rules import load_workspace
+from kaito_tuning.spec.training_config import (
+    CONFIG_KEY,
+    TuningConfig,
+    configmap_manifest,
+    default_configmap_name,
+    load_config,
+)
+from kaito_tuning.spec.workspace import Workspace
 
-LABEL_WORKSPACE = "kaito.sh/workspace"
-LABEL_WORKSPACE_NAMESPACE = "kaito.sh/workspace-namespace"
-ANNOTATION_REVISION = "kaito.sh/revision"
-ANNOTATION_SPEC_HASH = "kaito.sh/spec-hash"
-PROGRESS_PORT = 5000
-SERVER_PORT = 5000
 GPU_RESOURCE = "nvidia.com/gpu"
-PUSH_SECRET_DIR = "/mnt/push-secret"
-PULL_SECRETS_DIR = "/mnt/pull-secrets"
-ADAPTER_DIR = "/mnt/adapter"
 NODECLAIM_API = "karpenter.sh/v1"
 #: taints GPU node pools commonly carry (NVIDIA's, and Kaito's own)
 GPU_TOLERATIONS = [
@@ -132,7 +148,7 @@ _COMMON_VOLUMES = [
     {"name": "tmp", "emptyDir": {}},
     {"name": "hf-cache", "emptyDir": {}},
 ]
-_COMMON_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": "/mnt/hf-cache"}]
+_COMMON_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": HF_CACHE_DIR}]
 _TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
@@ -177,7 +193,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
     t = ws.tuning
     inp, out = t.input, t.output
     image = settings.tuner_image
-    ws_env = [{"name": "KAITO_WORKSPACE", "value": json.dumps(_job_workspace(ws), sort_keys=True)}, *_COMMON_ENV]
+    ws_env = [{"name": ENV_WORKSPACE, "value": json.dumps(_job_workspace(ws), sort_keys=True)}, *_COMMON_ENV]
     output_dir = config.output_dir
 
     volumes = [*_COMMON_VOLUMES,
@@ -195,12 +211,12 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
 
     init_containers, containers = [], []
     if inp.urls or inp.image:
-        mounts = [{"name": "data", "mountPath": "/mnt/data"}, _TMP_MOUNT]
+        mounts = [{"name": "data", "mountPath": DATA_DIR}, _TMP_MOUNT]
         env = list(ws_env)
         if inp.image_pull_secrets:
             volumes.append(_docker_config_volume("pull-secrets", inp.image_pull_secrets))
             mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
-            env.append({"name": "KAITO_PULL_SECRETS_DIR", "value": PULL_SECRETS_DIR})
+            env.append({"name": ENV_PULL_SECRETS_DIR, "value": PULL_SECRETS_DIR})
         init_containers.append(_container("download", image, ["job", "download"], env, mounts,
                                           resources={"requests": {"cpu": "500m", "memory": "1Gi"}}))
 
@@ -208,11 +224,11 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
         "tuner", image, ["job", "train"],
         [*ws_env, {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
          *_model_env(ws, t.preset)],
-        [{"name": "config", "mountPath": "/mnt/config", "readOnly": True},
-         {"name": "data", "mountPath": "/mnt/data", "readOnly": True},
+        [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+         {"name": "data", "mountPath": DATA_DIR, "readOnly": True},
          {"name": "results", "mountPath": output_dir},
          {"name": "dshm", "mountPath": "/dev/shm"},
-         {"name": "hf-cache", "mountPath": "/mnt/hf-cache"}, _TMP_MOUNT],
+         {"name": "hf-cache", "mountPath": HF_CACHE_DIR}, _TMP_MOUNT],
         resources=_gpu_resources(ws, cpu="4", memory="16Gi"))
     tuner["ports"] = [{"name": "progress", "containerPort": PROGRESS_PORT, "protocol": "TCP"}]
 
@@ -222,7 +238,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
             "secretName": out.image_push_secret, "items": [{"key": ".dockerconfigjson", "path": ".dockerconfigjson"}]}})
         containers.append(_container(
             "push", image, ["job", "push"],
-            [*ws_env, {"name": "KAITO_PUSH_AUTH_FILE", "value": f"{PUSH_SECRET_DIR}/.dockerconfigjson"}],
+            [*ws_env, {"name": ENV_PUSH_AUTH_FILE, "value": PUSH_AUTH_FILE}],
             [{"name": "results", "mountPath": output_dir, "readOnly": True},
              {"name": "push-secret", "mountPath": PUSH_SECRET_DIR, "readOnly": True}, _TMP_MOUNT],
             resources={"requests": {"cpu": "250m", "memory": "512Mi"}}))
@@ -301,7 +317,7 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
     labels = workspace_labels(ws)
     volumes = [*_COMMON_VOLUMES]
     init_containers = []
-    server_mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": "/mnt/hf-cache"},
+    server_mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": HF_CACHE_DIR},
                      _TMP_MOUNT]
     args = ["serve", "--preset", inf.preset.name]
     for a in inf.adapters:
@@ -389,8 +405,8 @@ def cli_render(args) -> int:
     """``kaito-tuning render FILE``: the manifests as multi-document YAML on stdout."""
     from dataclasses import replace
 
-    from kaito_tuning.spec.files import load_documents, split_documents
     from kaito_tuning.controller.settings import from_env
+    from kaito_tuning.spec.files import load_documents, split_documents
 
     docs = load_documents(args.file)
     workspaces, configmaps, _ = split_documents(docs)

@@ -34,11 +34,17 @@ from kubernetes.client.exceptions import ApiException
 
 from kaito_tuning.controller import manifests as m
 from kaito_tuning.controller import status as st
-from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION, Workspace, parse_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, parse_config
-from kaito_tuning.errors import UserError
 from kaito_tuning.controller.settings import Settings, from_env
+from kaito_tuning.errors import UserError
 from kaito_tuning.spec.rules import validate_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, parse_config
+from kaito_tuning.spec.workspace import (
+    GROUP,
+    PLURAL,
+    STORAGE_VERSION,
+    Workspace,
+    parse_workspace,
+)
 
 log = logging.getLogger("kaito_tuning.operator")
 DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"

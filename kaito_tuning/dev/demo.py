@@ -177,8 +177,8 @@ def _quiet() -> None:
 
 def run_demo(steps: int, root: Path) -> DemoResult:
     """The five steps; the adapter stays in ``root/adapter``, everything else is removed."""
-    from kaito_tuning.dev.localregistry import LocalRegistry
     from kaito_tuning.artifacts.oci import pull_adapter
+    from kaito_tuning.dev.localregistry import LocalRegistry
     from kaito_tuning.serving.serve import Generation, load_engine, parse_adapter_args
     from kaito_tuning.tuner.pipeline import run
 

@@ -41,15 +41,14 @@ from pathlib import Path
 from typing import Any
 
 from kaito_tuning.artifacts import reference as imageref
-from kaito_tuning.spec.workspace import MAX_ADAPTERS
 from kaito_tuning.errors import Problem, UserError, ValidationError
 from kaito_tuning.spec.presets import DEFAULT_PRESET, Preset
 from kaito_tuning.spec.rules import strength_problem
+from kaito_tuning.spec.workspace import MAX_ADAPTERS
 
 log = logging.getLogger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-METADATA_FILE = "training_metadata.json"
+from kaito_tuning.contract import ADAPTER_CONFIG, METADATA_FILE  # noqa: E402
 
 #: requests larger than this are refused before they are read (413)
 MAX_BODY_BYTES = 4 << 20
@@ -176,8 +175,8 @@ def adapter_args_in_dir(root: str | os.PathLike, environ: dict | None = None) ->
 def fetch_adapters(adapters: list[Adapter], workdir: Path, *, auth_file: str | None = None,
                    plain_http: bool = False) -> None:
     """Pull every image adapter into ``workdir/<name>``; directories are used where they are."""
-    from kaito_tuning.errors import KaitoError
     from kaito_tuning.artifacts.oci import pull_adapter
+    from kaito_tuning.errors import KaitoError
 
     for a in adapters:
         if a.image is None:

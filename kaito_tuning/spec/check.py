@@ -9,11 +9,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kaito_tuning.spec.workspace import parse_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
 from kaito_tuning.errors import Problem
 from kaito_tuning.spec.files import FileError, load_documents, split_documents
 from kaito_tuning.spec.rules import validate_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
+from kaito_tuning.spec.workspace import parse_workspace
 
 
 def check_documents(docs: list[dict], *, allow_private_urls: bool = True) -> list[Problem]:

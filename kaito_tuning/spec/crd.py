@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import yaml
 
-from kaito_tuning.spec.workspace import GROUP, KIND, PLURAL, STORAGE_VERSION, VERSIONS, crd_schema
+from kaito_tuning.spec.workspace import (
+    GROUP,
+    KIND,
+    PLURAL,
+    STORAGE_VERSION,
+    VERSIONS,
+    crd_schema,
+)
 
 
 def _condition_column(name: str) -> dict:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from kaito_tuning.contract import ENV_PRESETS_DIR
+
 METHODS = ("lora", "qlora")
 
 
@@ -44,7 +46,7 @@ class Preset:
 
 
 def presets_dir() -> Path:
-    env = os.environ.get("KAITO_PRESETS_DIR")
+    env = os.environ.get(ENV_PRESETS_DIR)
     if env:
         return Path(env)
     return Path(__file__).parent / "presets"

@@ -12,10 +12,19 @@ import socket
 from urllib.parse import urlsplit
 
 from kaito_tuning.artifacts import reference as imageref
-from kaito_tuning.spec.workspace import GROUP, KIND, MAX_ADAPTERS, VERSIONS, DataDestination, DataSource, Workspace
-from kaito_tuning.errors import Problem
+from kaito_tuning.errors import Problem, ValidationError
 from kaito_tuning.spec.instances import UnknownInstanceType, fitting, get_instance_type
 from kaito_tuning.spec.presets import METHODS, UnknownPreset, get_preset
+from kaito_tuning.spec.workspace import (
+    GROUP,
+    KIND,
+    MAX_ADAPTERS,
+    VERSIONS,
+    DataDestination,
+    DataSource,
+    Workspace,
+    parse_workspace,
+)
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -290,3 +299,12 @@ def validate_update(old: Workspace, new: Workspace) -> list[Problem]:
         if to.input and tn.input and to.input.name != tn.input.name:
             p.append(Problem("tuning.input.name", f"is immutable (was {to.input.name!r})"))
     return p
+
+
+def load_workspace(obj: dict) -> Workspace:
+    """Parse and fully validate (structure and semantics); raise ValidationError listing every problem."""
+    ws, problems = parse_workspace(obj)
+    problems += validate_workspace(ws)
+    if problems:
+        raise ValidationError(problems)
+    return ws

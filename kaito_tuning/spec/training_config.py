@@ -20,11 +20,9 @@ validates ConfigMaps exactly as the tuner would load them.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import posixpath
-import sys
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -32,14 +30,17 @@ from typing import Any
 
 import yaml
 
+from kaito_tuning.contract import (
+    CONFIG_KEY,
+    DEFAULT_OUTPUT_DIR,
+    LABEL_TUNING_METHOD,
+    MOUNT_ROOT,
+    RESERVED_DIRS,
+)
 from kaito_tuning.errors import Problem, ValidationError
 
-CONFIG_KEY = "training_config.yaml"
 ROOT_KEY = "training_config"
 SECTIONS = ("ModelConfig", "QuantizationConfig", "LoraConfig", "TrainingArguments", "DataCollator", "DatasetConfig")
-MOUNT_ROOT = "/mnt"
-DEFAULT_OUTPUT_DIR = "/mnt/results"
-RESERVED_DIRS = ("/mnt/data", "/mnt/config", "/mnt/adapter")
 DATASET_FORMATS = ("auto", "messages", "prompt_completion", "text", "alpaca", "sharegpt")
 
 
@@ -113,36 +114,6 @@ def _kind(annotation: Any) -> str:
     else:
         kind = {"bool": "bool", "int": "int", "float": "float", "str": "str"}.get(first, "any")
     return kind + ("?" if optional and kind != "any" else "")
-
-
-def build_snapshot() -> dict:
-    """Fields and kinds of the real classes (imports transformers, peft, trl)."""
-    import inspect
-
-    import peft
-    import transformers
-    import trl
-
-    def dc_fields(cls: type) -> dict:
-        return {f.name: _kind(f.type) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
-
-    bnb_params = inspect.signature(transformers.BitsAndBytesConfig.__init__).parameters
-    bnb = {n: _kind(p.annotation) if p.annotation is not inspect.Parameter.empty else "any"
-           for n, p in bnb_params.items() if n not in ("self", "kwargs")}
-    # transformers' signature leaves some of these unannotated
-    bnb.update({"load_in_4bit": "bool", "load_in_8bit": "bool", "bnb_4bit_use_double_quant": "bool",
-                "llm_int8_threshold": "float", "bnb_4bit_quant_type": "str", "bnb_4bit_compute_dtype": "any",
-                "llm_int8_has_fp16_weight": "bool", "llm_int8_enable_fp32_cpu_offload": "bool",
-                "bnb_4bit_quant_storage": "any", "llm_int8_skip_modules": "list?"})
-    return {
-        "_versions": {"transformers": transformers.__version__, "peft": peft.__version__, "trl": trl.__version__},
-        "ModelConfig": dc_fields(ModelConfig),
-        "QuantizationConfig": dict(sorted(bnb.items())),
-        "LoraConfig": dc_fields(peft.LoraConfig),
-        "TrainingArguments": dc_fields(trl.SFTConfig),
-        "DataCollator": dict(_DATA_COLLATOR_KEYS),
-        "DatasetConfig": dc_fields(DatasetConfig),
-    }
 
 
 @cache
@@ -340,18 +311,7 @@ def load_config(text: str | None, method: str, *, source: str = CONFIG_KEY) -> T
 
 def configmap_manifest(method: str, namespace: str | None = None) -> dict:
     meta: dict = {"name": default_configmap_name(method),
-                  "labels": {"app.kubernetes.io/part-of": "kaito-tuning", "kaito.sh/tuning-method": method}}
+                  "labels": {"app.kubernetes.io/part-of": "kaito-tuning", LABEL_TUNING_METHOD: method}}
     if namespace:
         meta["namespace"] = namespace
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {CONFIG_KEY: default_config_text(method)}}
-
-
-if __name__ == "__main__":  # python -m kaito_tuning.spec.training_config --snapshot
-    if sys.argv[1:] == ["--snapshot"]:
-        out = resources.files("kaito_tuning.spec").joinpath("data/config_fields.json")
-        with open(str(out), "w") as fh:
-            json.dump(build_snapshot(), fh, indent=1, sort_keys=False)
-            fh.write("\n")
-        print(f"wrote {out}")
-    else:
-        sys.exit("usage: python -m kaito_tuning.spec.training_config --snapshot")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kaito_tuning.errors import Problem, ValidationError
+from kaito_tuning.errors import Problem
 from kaito_tuning.spec.schema import from_json, openapi_schema, spec, to_json
 
 GROUP = "kaito.sh"
@@ -185,14 +185,3 @@ def apply_defaults(ws: Workspace) -> None:
         for a in ws.inference.adapters:
             if a.strength is None:
                 a.strength = "1.0"
-
-
-def load_workspace(obj: dict) -> Workspace:
-    """Parse and fully validate (structure and semantics); raise ValidationError listing every problem."""
-    from kaito_tuning.spec.rules import validate_workspace
-
-    ws, problems = parse_workspace(obj)
-    problems += validate_workspace(ws)
-    if problems:
-        raise ValidationError(problems)
-    return ws

@@ -19,9 +19,10 @@ import logging
 import os
 from pathlib import Path
 
-from kaito_tuning.spec.workspace import Workspace, load_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
 from kaito_tuning.errors import KaitoError, UserError
+from kaito_tuning.spec.rules import load_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
+from kaito_tuning.spec.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaito_tuning.spec.workspace import Workspace, load_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
 from kaito_tuning.errors import UserError
 from kaito_tuning.spec.files import load_documents, split_documents
+from kaito_tuning.spec.rules import load_workspace
+from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
+from kaito_tuning.spec.workspace import Workspace
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from kaito_tuning.spec.training_config import TuningConfig
-from kaito_tuning.tuner.formats import Splits
 from kaito_tuning.errors import OutOfMemoryError, UserError
+from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.tuner.base_model import load_base, resolve_dtype, resolve_preset
+from kaito_tuning.tuner.formats import Splits
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import yaml
 
 from kaito_tuning.spec.training_config import configmap_manifest
 
-OP = Path(__file__).resolve().parent.parent / "operator"
+OP = Path(__file__).resolve().parents[2] / "operator"
 K8S_VERSIONS = ("1.33.0", "1.37.0")  # an older AKS default and the newest schema bundled
 
 
@@ -81,7 +81,7 @@ _KOPF = {("kaito.sh", "workspaces", v) for v in ("list", "watch", "patch")} | {
 
 
 def used_calls() -> set[str]:
-    root = Path(__file__).resolve().parent.parent / "kaito_tuning" / "controller"
+    root = Path(__file__).resolve().parents[2] / "kaito_tuning" / "controller"
     names = set()
     for f in sorted(root.glob("*.py")):
         for node in ast.walk(ast.parse(f.read_text())):

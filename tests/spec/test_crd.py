@@ -14,7 +14,7 @@ from kaito_tuning.spec import workspace as api
 from kaito_tuning.spec.crd import crd_manifest, crd_yaml
 from kaito_tuning.spec.schema import json_name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds/kaito.sh_workspaces.yaml"
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 

@@ -4,14 +4,21 @@ import json
 import sys
 
 import pytest
-
 from fixtures_data import messages_rows, training_configmap, write_parquet
+
+from kaito_tuning.errors import EXIT_USER_ERROR
 from kaito_tuning.spec.training_config import load_config
 from kaito_tuning.tuner.formats import prepare
 from kaito_tuning.tuner.inputs import collect_dir
-from kaito_tuning.errors import EXIT_USER_ERROR
-from kaito_tuning.tuner.recipe import (choose_loss_mask, completed_adapter, lora_arguments, newest_checkpoint, publish,
-                                train, training_arguments)
+from kaito_tuning.tuner.recipe import (
+    choose_loss_mask,
+    completed_adapter,
+    lora_arguments,
+    newest_checkpoint,
+    publish,
+    train,
+    training_arguments,
+)
 
 
 def config(method="lora", **kw):

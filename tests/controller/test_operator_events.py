@@ -17,7 +17,7 @@ from kaito_tuning.controller.settings import Settings
 QUICK = "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
 NAME = "workspace-tuning-phi-3"
 JOB = {"kind": "Job", "metadata": {"name": NAME, "namespace": "default", "uid": "u1", "resourceVersion": "1",
-                                   "labels": {"kaito.sh/workspace": NAME}, "annotations": {"kaito.sh/revision": "1"}},
+                                   "labels": {"kaito.sh/workspace": NAME}, "annotations": {"workspace.kaito.io/revision": "1"}},
        "spec": {"backoffLimit": 3}}
 
 

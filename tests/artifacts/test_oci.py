@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import requests
-
 from fixtures_registry import REGISTRY_PASSWORD, REGISTRY_USER, make_fake_adapter
+
 from kaito_tuning import cli
 from kaito_tuning.artifacts import oci
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from kaito_tuning import cli
-
 from kaito_tuning.dev import demo
 
 needs_registry = pytest.mark.skipif(not (shutil.which("docker-registry") or shutil.which("registry")),

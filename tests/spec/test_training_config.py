@@ -3,9 +3,15 @@
 import pytest
 import yaml
 
-from kaito_tuning.spec import training_config as config
-from kaito_tuning.spec.training_config import build_snapshot, configmap_manifest, load_config, parse_config, snapshot
+from kaito_tuning.dev.config_snapshot import build_snapshot
 from kaito_tuning.errors import ValidationError
+from kaito_tuning.spec import training_config as config
+from kaito_tuning.spec.training_config import (
+    configmap_manifest,
+    load_config,
+    parse_config,
+    snapshot,
+)
 
 
 def cfg(sections: dict) -> str:
@@ -18,7 +24,7 @@ def messages(text: str, method: str | None = None) -> list[str]:
 
 def test_snapshot_matches_the_installed_classes():
     fresh = build_snapshot()
-    assert fresh == snapshot(), "run: python -m kaito_tuning.spec.training_config --snapshot"
+    assert fresh == snapshot(), "run: python -m kaito_tuning.dev.config_snapshot"
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])

@@ -2,7 +2,12 @@
 
 import pytest
 
-from kaito_tuning.spec.instances import INSTANCE_TYPES, UnknownInstanceType, fitting, get_instance_type
+from kaito_tuning.spec.instances import (
+    INSTANCE_TYPES,
+    UnknownInstanceType,
+    fitting,
+    get_instance_type,
+)
 from kaito_tuning.spec.presets import UnknownPreset, all_presets, get_preset
 
 REQUIRED = {"phi-3-mini-4k-instruct", "phi-3-mini-128k-instruct", "phi-3-medium-4k-instruct",

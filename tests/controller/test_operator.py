@@ -12,7 +12,14 @@ import kubernetes
 import kubernetes_validate
 import pytest
 import yaml
-from fixtures_k8s import Emulator, eventually, get_obj, kubectl, list_objs, running_operator
+from fixtures_k8s import (
+    Emulator,
+    eventually,
+    get_obj,
+    kubectl,
+    list_objs,
+    running_operator,
+)
 
 from kaito_tuning.controller import manifests
 from kaito_tuning.controller.settings import Settings

@@ -3,7 +3,14 @@
 import pytest
 
 from kaito_tuning.errors import UserError
-from kaito_tuning.tuner.base_model import ModelUnavailable, hardware_dtype, load_base, model_source, resolve_dtype, resolve_preset
+from kaito_tuning.tuner.base_model import (
+    ModelUnavailable,
+    hardware_dtype,
+    load_base,
+    model_source,
+    resolve_dtype,
+    resolve_preset,
+)
 
 
 def test_cpu_dtype():

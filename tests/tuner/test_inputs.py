@@ -4,9 +4,17 @@ import json
 
 import pytest
 
-from kaito_tuning.tuner.inputs import (MANIFEST, DatasetInvalid, DownloadFailed, DownloadRefused, collect_dir,
-                                   detect_kind, download_urls, local_names)
 from kaito_tuning.errors import EXIT_TRANSIENT, EXIT_USER_ERROR
+from kaito_tuning.tuner.inputs import (
+    MANIFEST,
+    DatasetInvalid,
+    DownloadFailed,
+    DownloadRefused,
+    collect_dir,
+    detect_kind,
+    download_urls,
+    local_names,
+)
 
 
 def test_every_url_is_downloaded_with_distinct_names_and_sha256(data_server, tmp_path):

@@ -2,10 +2,10 @@
 
 import pytest
 
+from kaito_tuning.errors import EXIT_USER_ERROR
 from kaito_tuning.spec.training_config import DatasetConfig
 from kaito_tuning.tuner.formats import prepare, split
 from kaito_tuning.tuner.inputs import DataFile, DatasetInvalid, detect_kind, sha256_file
-from kaito_tuning.errors import EXIT_USER_ERROR
 
 
 def files(*paths):

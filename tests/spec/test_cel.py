@@ -10,7 +10,7 @@ import yaml
 
 from kaito_tuning.spec import workspace as api
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.yaml"))
 ENV = celpy.Environment()
 

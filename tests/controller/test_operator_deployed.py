@@ -25,7 +25,7 @@ from fixtures_k8s import Emulator, eventually, get_obj, kubectl
 
 pytestmark = [pytest.mark.kmock(cls=Emulator), pytest.mark.timeout(120)]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUICK = ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
 NAME = "workspace-tuning-phi-3"
 

@@ -6,11 +6,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kaito_tuning.spec.workspace import load_workspace, parse_workspace
 from kaito_tuning.errors import ValidationError
-from kaito_tuning.spec.rules import url_problem, validate_update, validate_workspace
+from kaito_tuning.spec.rules import (
+    load_workspace,
+    url_problem,
+    validate_update,
+    validate_workspace,
+)
+from kaito_tuning.spec.workspace import parse_workspace
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 QUICK_START = ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
 
 

@@ -10,12 +10,11 @@ import pytest
 import yaml
 
 from kaito_tuning import cli
-
 from kaito_tuning.controller import manifests
-from kaito_tuning.spec.workspace import load_workspace
-from kaito_tuning.spec.training_config import load_config
-from kaito_tuning.spec.files import load_documents, split_documents
 from kaito_tuning.controller.settings import Settings
+from kaito_tuning.spec.files import load_documents, split_documents
+from kaito_tuning.spec.rules import load_workspace
+from kaito_tuning.spec.training_config import load_config
 
 K8S_VERSIONS = ("1.33.0", "1.37.0")  # an older AKS default and the newest schema bundled
 EXAMPLES = sorted(glob.glob("examples/*/*.yaml"))
@@ -67,7 +66,7 @@ def test_quick_start_job_follows_the_contract():
     assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [65, 66]}}
     assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert job["metadata"]["labels"]["kaito.sh/workspace"] == "workspace-tuning-phi-3"
-    assert job["metadata"]["annotations"]["kaito.sh/revision"] == "3"
+    assert job["metadata"]["annotations"]["workspace.kaito.io/revision"] == "3"
     assert [c["name"] for c in pod["initContainers"]] == ["download", "tuner"]
     assert [c["name"] for c in pod["containers"]] == ["push"]
     for c in _all(pod):

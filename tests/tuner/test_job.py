@@ -3,11 +3,11 @@
 import json
 
 import pytest
-
 from fixtures_data import training_configmap, tuning_workspace
-from kaito_tuning.spec.workspace import load_workspace
+
 from kaito_tuning.cli import main
 from kaito_tuning.errors import EXIT_TRANSIENT, EXIT_USER_ERROR
+from kaito_tuning.spec.rules import load_workspace
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import time
 
 import pytest
 import yaml
-
 from fixtures_data import training_configmap, tuning_workspace
+
 from kaito_tuning.errors import EXIT_USER_ERROR, UserError, ValidationError
 from kaito_tuning.tuner.pipeline import load_spec, run
 
