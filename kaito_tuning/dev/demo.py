@@ -169,17 +169,17 @@ def _quiet() -> None:
     """Only our lines and the training progress bar: no dataset bars, no library notices."""
     import datasets
 
-    from kaito_tuning.serving.serve import _quiet_libraries
+    from kaito_tuning.serving import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     datasets.disable_progress_bars()
 
 
 def run_demo(steps: int, root: Path) -> DemoResult:
     """The five steps; the adapter stays in ``root/adapter``, everything else is removed."""
-    from kaito_tuning.artifacts.oci import pull_adapter
+    from kaito_tuning.artifacts import pull_adapter
     from kaito_tuning.dev.localregistry import LocalRegistry
-    from kaito_tuning.serving.serve import Generation, load_engine, parse_adapter_args
+    from kaito_tuning.serving import Generation, load_engine, parse_adapter_args
     from kaito_tuning.tuner.pipeline import run
 
     root.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def step_download(ws: Workspace) -> None:
 
 def _pull_input_image(image: str, dest: Path) -> None:
     """Pull the image's /data with each pull secret in turn (anonymously when there is none)."""
-    from kaito_tuning.artifacts.oci import RegistryAuthFailed, pull_data
+    from kaito_tuning.artifacts import RegistryAuthFailed, pull_data
 
     secrets_dir = os.environ.get("KAITO_PULL_SECRETS_DIR")
     auth_files = sorted(Path(secrets_dir).glob("*.json")) if secrets_dir else []
@@ -131,7 +131,7 @@ def step_train(ws: Workspace, config: TuningConfig) -> dict:
 
 
 def step_push(ws: Workspace, config: TuningConfig) -> dict:
-    from kaito_tuning.artifacts.oci import push_adapter
+    from kaito_tuning.artifacts import push_adapter
     from kaito_tuning.tuner.recipe import completed_adapter
 
     out = output_dir(config)

@@ -67,7 +67,7 @@ def fetch_input(ws: Workspace, data_dir: Path, *, auth_file: str | None = None, 
         download_urls(inp.urls, data_dir)
         return data_dir
     if inp.image:
-        from kaito_tuning.artifacts.oci import pull_data
+        from kaito_tuning.artifacts import pull_data
 
         pull_data(inp.image, data_dir, auth_file=auth_file, plain_http=plain_http)
         return data_dir
@@ -105,7 +105,7 @@ def run(docs: list[dict], *, output_dir: str | None = None, max_steps: int | Non
         run_result = RunResult(adapter_dir=result.adapter_dir, train_loss=result.train_loss,
                                eval_loss=result.eval_loss, steps=result.steps, loss_curve=result.loss_curve)
         if t.output.image and push:
-            from kaito_tuning.artifacts.oci import push_adapter
+            from kaito_tuning.artifacts import push_adapter
 
             state.update(phase="pushing")
             pushed = push_adapter(result.adapter_dir, t.output.image, auth_file=auth_file, plain_http=plain_http,

@@ -35,7 +35,7 @@ def test_several_urls_to_a_pushed_adapter(data_server, tiny_phi3, tmp_path, regi
     progress = json.loads((tmp_path / "out" / "progress.json").read_text())
     assert progress["phase"] == "succeeded" and progress["step"] == 3 and progress["total_steps"] == 3
 
-    from kaito_tuning.artifacts.oci import pull_adapter
+    from kaito_tuning.artifacts import pull_adapter
     pulled = pull_adapter(result.image, tmp_path / "pulled", auth_file=registry_auth_file, plain_http=True)
     assert pulled.digest == result.digest
     tok = AutoTokenizer.from_pretrained(tiny_phi3)
