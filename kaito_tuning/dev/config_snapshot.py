@@ -13,7 +13,7 @@ import json
 from importlib import resources
 
 from kaito_tuning.spec.training_config import (
-    _DATA_COLLATOR_KEYS,
+    DATA_COLLATOR_EXCLUDED,
     DatasetConfig,
     ModelConfig,
     _kind,
@@ -26,8 +26,9 @@ def build_snapshot() -> dict:
     import transformers
     import trl
 
-    def dc_fields(cls: type) -> dict:
-        return {f.name: _kind(f.type) for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    def dc_fields(cls: type, exclude: tuple = ()) -> dict:
+        return {f.name: _kind(f.type) for f in dataclasses.fields(cls)
+                if f.init and not f.name.startswith("_") and f.name not in exclude}
 
     bnb_params = inspect.signature(transformers.BitsAndBytesConfig.__init__).parameters
     bnb = {n: _kind(p.annotation) if p.annotation is not inspect.Parameter.empty else "any"
@@ -43,7 +44,7 @@ def build_snapshot() -> dict:
         "QuantizationConfig": dict(sorted(bnb.items())),
         "LoraConfig": dc_fields(peft.LoraConfig),
         "TrainingArguments": dc_fields(trl.SFTConfig),
-        "DataCollator": dict(_DATA_COLLATOR_KEYS),
+        "DataCollator": dc_fields(transformers.DataCollatorForLanguageModeling, DATA_COLLATOR_EXCLUDED),
         "DatasetConfig": dc_fields(DatasetConfig),
     }
 

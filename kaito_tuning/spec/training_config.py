@@ -38,6 +38,7 @@ from kaito_tuning.contract import (
     RESERVED_DIRS,
 )
 from kaito_tuning.errors import Problem, ValidationError
+from kaito_tuning.spec.files import YamlError, bounded, clip, load_yaml, short
 
 ROOT_KEY = "training_config"
 SECTIONS = ("ModelConfig", "QuantizationConfig", "LoraConfig", "TrainingArguments", "DataCollator", "DatasetConfig")
@@ -58,6 +59,12 @@ class ModelConfig:
     chat_template: str | None = None  # a Jinja template (inline) or a path to one
     low_cpu_mem_usage: bool = True
     pretrained_model_name_or_path: str | None = None  # default: the preset's weights
+    # the rest of Kaito's ModelConfig (from_pretrained arguments), accepted so Kaito's ConfigMaps load as written
+    cache_dir: str | None = None
+    force_download: bool = False
+    proxies: Any = None  # Kaito types it as a string; from_pretrained takes a mapping of scheme to proxy URL
+    output_loading_info: bool = False
+    state_dict: dict | None = None
 
 
 @dataclass
@@ -77,8 +84,8 @@ class DatasetConfig:
     max_rows: int | None = None  # use at most this many rows (after shuffling)
 
 
-_DATA_COLLATOR_KEYS = {"mlm": "bool", "mlm_probability": "float", "pad_to_multiple_of": "int",
-                       "return_tensors": "str", "seed": "int"}
+#: DataCollatorForLanguageModeling fields a ConfigMap may not set (the tuner supplies the tokenizer)
+DATA_COLLATOR_EXCLUDED = ("tokenizer",)
 
 # common misspellings → the real key (checked before difflib, which misses short names like r)
 _ALIASES = {
@@ -156,13 +163,14 @@ def resolve_output_dir(value: Any) -> tuple[str | None, str | None]:
     if value is None:
         return DEFAULT_OUTPUT_DIR, None
     if not isinstance(value, str) or not value.strip():
-        return None, f"must be a directory path under {MOUNT_ROOT}, got {value!r}"
+        return None, f"must be a directory path under {MOUNT_ROOT}, got {short(value)}"
     path = posixpath.normpath(posixpath.join(MOUNT_ROOT, value))
     if not path.startswith(MOUNT_ROOT + "/"):
-        return None, f"{value!r} resolves to {path}, outside {MOUNT_ROOT}; use a directory such as {DEFAULT_OUTPUT_DIR}"
+        return None, (f"{short(value)} resolves to {clip(path, 80)}, outside {MOUNT_ROOT}; "
+                      f"use a directory such as {DEFAULT_OUTPUT_DIR}")
     for reserved in RESERVED_DIRS:
         if path == reserved or path.startswith(reserved + "/"):
-            return None, f"{value!r} is inside {reserved}, which holds inputs; use e.g. {DEFAULT_OUTPUT_DIR}"
+            return None, f"{short(value)} is inside {reserved}, which holds inputs; use e.g. {DEFAULT_OUTPUT_DIR}"
     return path, None
 
 
@@ -182,23 +190,24 @@ _TYPE_NAME = {"bool": "true or false", "int": "an integer", "float": "a number",
 def parse_config(text: str, *, source: str = CONFIG_KEY, method: str | None = None) -> tuple[TuningConfig, list[Problem]]:
     """Parse training_config.yaml text; return the config and every problem (``Section.key: ...``)."""
     problems: list[Problem] = []
+    if not isinstance(text, str):
+        return TuningConfig(), [Problem(source, f"must be text (YAML), got {type(text).__name__}")]
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        return TuningConfig(), [Problem(source, f"is not valid YAML{where}: {getattr(e, 'problem', e)}")]
+        doc = load_yaml(text)
+    except YamlError as e:
+        return TuningConfig(), [Problem(source, e.message)]
     if not isinstance(doc, dict) or ROOT_KEY not in doc:
         return TuningConfig(), [Problem(source, f"must be a mapping with the key {ROOT_KEY!r} holding the sections "
                                                 f"{', '.join(SECTIONS)}")]
     extra = [k for k in doc if k != ROOT_KEY]
     if extra:
-        problems.append(Problem(source, f"unknown top-level key(s) {', '.join(map(repr, extra))}; "
+        problems.append(Problem(source, f"unknown top-level key(s) {', '.join(short(k, 40) for k in extra[:5])}; "
                                         f"only {ROOT_KEY!r} is read"))
     root = doc[ROOT_KEY] or {}
     if not isinstance(root, dict):
         return TuningConfig(), problems + [Problem(ROOT_KEY, "must be a mapping of sections")]
-    return _check_sections(root, method, problems)
+    cfg, problems = _check_sections(root, method, problems)
+    return cfg, bounded(problems)
 
 
 def _check_sections(root: dict, method: str | None, problems: list[Problem]) -> tuple[TuningConfig, list[Problem]]:
@@ -206,9 +215,10 @@ def _check_sections(root: dict, method: str | None, problems: list[Problem]) -> 
     sections: dict[str, dict] = {}
     for name, body in root.items():
         if name not in SECTIONS:
-            close = difflib.get_close_matches(str(name), SECTIONS, n=1)
+            label = clip(str(name), 60) if isinstance(name, str) else short(name, 60)
+            close = difflib.get_close_matches(label, SECTIONS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            problems.append(Problem(str(name), f"unknown section; {hint}sections are {', '.join(SECTIONS)}"))
+            problems.append(Problem(label, f"unknown section; {hint}sections are {', '.join(SECTIONS)}"))
             continue
         if body is None:
             body = {}
@@ -218,10 +228,11 @@ def _check_sections(root: dict, method: str | None, problems: list[Problem]) -> 
         known = fields[name]
         clean = {}
         for key, value in body.items():
-            path = f"{name}.{key}"
-            if key not in known:
-                alias = _ALIASES.get(name, {}).get(str(key).lower())
-                close = [alias] if alias else difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+            label = clip(str(key), 60) if isinstance(key, str) else short(key, 60)
+            path = f"{name}.{label}"
+            if not isinstance(key, str) or key not in known:
+                alias = _ALIASES.get(name, {}).get(label.lower())
+                close = [alias] if alias else difflib.get_close_matches(label, known, n=1, cutoff=0.75)
                 hint = f"did you mean {close[0]!r}?" if close else f"see the fields of {_CLASS_NAMES[name]}"
                 problems.append(Problem(path, f"unknown key for {_CLASS_NAMES[name]}; {hint}"))
                 continue
@@ -234,7 +245,7 @@ def _check_sections(root: dict, method: str | None, problems: list[Problem]) -> 
                 continue
             base = kind.rstrip("?")
             if not _TYPE_OK[base](value):
-                problems.append(Problem(path, f"must be {_TYPE_NAME[base]}, got {type(value).__name__} {value!r}"))
+                problems.append(Problem(path, f"must be {_TYPE_NAME[base]}, got {type(value).__name__} {short(value)}"))
                 continue
             clean[key] = value
         sections[name] = clean
@@ -262,33 +273,97 @@ def _semantic(cfg: TuningConfig, method: str | None, raw: dict) -> list[Problem]
         p.append(Problem(f"QuantizationConfig.{key}", "method lora trains on an unquantized base: set it to false, "
                                                       "or use method qlora"))
     if q.get("bnb_4bit_quant_type") not in (None, "nf4", "fp4"):
-        p.append(Problem("QuantizationConfig.bnb_4bit_quant_type", f"must be nf4 or fp4, got {q['bnb_4bit_quant_type']!r}"))
+        p.append(Problem("QuantizationConfig.bnb_4bit_quant_type", f"must be nf4 or fp4, got {short(q['bnb_4bit_quant_type'])}"))
     t = raw.get("TrainingArguments") or {}
     if isinstance(t, dict) and "output_dir" in t:
         _, why = resolve_output_dir(t["output_dir"])
         if why:
             p.append(Problem("TrainingArguments.output_dir", why))
     d = cfg.section("DatasetConfig")
-    split = d.get("train_test_split")
-    if split is not None and not 0 < split <= 1:
-        p.append(Problem("DatasetConfig.train_test_split", f"must be in (0, 1] (the fraction used for training), got {split}"))
     if d.get("format") not in (None, *DATASET_FORMATS):
-        p.append(Problem("DatasetConfig.format", f"must be one of {', '.join(DATASET_FORMATS)}, got {d['format']!r}"))
+        p.append(Problem("DatasetConfig.format", f"must be one of {', '.join(DATASET_FORMATS)}, got {short(d['format'])}"))
     if d.get("dataset_path") is not None:
         path = posixpath.normpath(posixpath.join("/mnt/data", d["dataset_path"]))
         if not (path == "/mnt/data" or path.startswith("/mnt/data/")):
-            p.append(Problem("DatasetConfig.dataset_path", f"{d['dataset_path']!r} leaves the input directory /mnt/data"))
-    lora = cfg.section("LoraConfig")
-    for k in ("r", "lora_alpha"):
-        if k in lora and isinstance(lora[k], int) and lora[k] <= 0:
-            p.append(Problem(f"LoraConfig.{k}", f"must be positive, got {lora[k]}"))
-    ta = cfg.section("TrainingArguments")
-    for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length"):
-        if isinstance(ta.get(k), int) and ta[k] <= 0:
-            p.append(Problem(f"TrainingArguments.{k}", f"must be positive, got {ta[k]}"))
-    if isinstance(ta.get("learning_rate"), (int, float)) and not 0 < ta["learning_rate"] < 1:
-        p.append(Problem("TrainingArguments.learning_rate", f"must be between 0 and 1, got {ta['learning_rate']}"))
+            p.append(Problem("DatasetConfig.dataset_path", f"{short(d['dataset_path'])} leaves the input directory /mnt/data"))
+    p += _range_problems(cfg)
+    dc = cfg.section("DataCollator")
+    mask, rand = dc.get("mask_replace_prob", 0.8), dc.get("random_replace_prob", 0.1)
+    if _number(mask) and _number(rand) and mask + rand > 1:
+        p.append(Problem("DataCollator.mask_replace_prob", f"mask_replace_prob + random_replace_prob must be at most 1, "
+                                                           f"got {_short_number(mask)} + {_short_number(rand)}"))
     return p
+
+
+# Allowed ranges of numeric keys: (low, low inclusive, high, high inclusive); None is unbounded.
+_POSITIVE = (0, False, None, False)
+_NON_NEGATIVE = (0, True, None, False)
+_FRACTION = (0, True, 1, False)     # [0, 1)
+_PROBABILITY = (0, True, 1, True)  # [0, 1]
+_RANGES: dict[str, dict[str, tuple]] = {
+    "LoraConfig": {"r": _POSITIVE, "lora_alpha": _POSITIVE, "lora_dropout": _FRACTION, "qalora_group_size": _POSITIVE},
+    "TrainingArguments": {
+        "num_train_epochs": _POSITIVE, "learning_rate": (0, False, 1, False), "per_device_train_batch_size": _POSITIVE,
+        "per_device_eval_batch_size": _POSITIVE, "gradient_accumulation_steps": _POSITIVE,
+        "eval_accumulation_steps": _POSITIVE, "max_length": _POSITIVE, "warmup_steps": _NON_NEGATIVE,
+        "weight_decay": _NON_NEGATIVE, "adam_beta1": _FRACTION, "adam_beta2": _FRACTION, "adam_epsilon": _POSITIVE,
+        "max_grad_norm": _NON_NEGATIVE, "label_smoothing_factor": _FRACTION, "neftune_noise_alpha": _POSITIVE,
+        "torch_empty_cache_steps": _POSITIVE, "logging_steps": _POSITIVE, "eval_steps": _POSITIVE,
+        "eval_delay": _NON_NEGATIVE, "save_steps": _POSITIVE, "save_total_limit": _NON_NEGATIVE, "seed": _NON_NEGATIVE,
+        "data_seed": _NON_NEGATIVE, "dataloader_num_workers": _NON_NEGATIVE, "dataloader_prefetch_factor": _POSITIVE,
+        "ddp_timeout": _POSITIVE, "dataset_num_proc": _POSITIVE,
+    },
+    "DataCollator": {"mlm_probability": _PROBABILITY, "mask_replace_prob": _PROBABILITY,
+                     "random_replace_prob": _PROBABILITY, "pad_to_multiple_of": _POSITIVE, "seed": _NON_NEGATIVE},
+    "DatasetConfig": {"shuffle_seed": _NON_NEGATIVE, "max_rows": _POSITIVE, "train_test_split": (0, False, 1, True)},
+    "QuantizationConfig": {"llm_int8_threshold": _POSITIVE},
+}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def range_text(bounds: tuple) -> str:
+    """``> 0``, ``>= 0`` or ``in [0, 1)``."""
+    lo, lo_in, hi, hi_in = bounds
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _in_range(v: float, bounds: tuple) -> bool:
+    lo, lo_in, hi, hi_in = bounds
+    ok_lo = v >= lo if lo_in else v > lo  # False for NaN
+    ok_hi = hi is None or (v <= hi if hi_in else v < hi)
+    return ok_lo and ok_hi and v == v
+
+
+def _range_problems(cfg: TuningConfig) -> list[Problem]:
+    p: list[Problem] = []
+    for section, keys in _RANGES.items():
+        values = cfg.section(section)
+        for key, bounds in keys.items():
+            v = values.get(key)
+            if not _number(v):
+                continue
+            if section == "TrainingArguments" and key == "max_steps":
+                continue
+            if not _in_range(v, bounds):
+                p.append(Problem(f"{section}.{key}", f"must be {range_text(bounds)}, got {_short_number(v)}"))
+    steps = cfg.section("TrainingArguments").get("max_steps")
+    if _number(steps) and steps != -1 and steps <= 0:
+        p.append(Problem("TrainingArguments.max_steps",
+                         f"must be > 0, or -1 to train for num_train_epochs, got {_short_number(steps)}"))
+    return p
+
+
+def _short_number(v: float) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if abs(v) < 10**30:
+        return str(v)
+    return f"an integer of {int(v.bit_length() * 0.30103) + 1} digits"
 
 
 @cache

@@ -54,7 +54,27 @@ BAD = [
     ({"TrainingArguments": {"output_dir": "/mnt/data/out"}}, None, "inside /mnt/data"),
     ({"DatasetConfig": {"train_test_split": 1.5}}, None, "DatasetConfig.train_test_split: must be in (0, 1]"),
     ({"DatasetConfig": {"format": "csv"}}, None, "DatasetConfig.format: must be one of"),
-    ({"LoraConfig": {"r": 0}}, None, "LoraConfig.r: must be positive"),
+    ({"LoraConfig": {"r": 0}}, None, "LoraConfig.r: must be > 0, got 0"),
+    ({"TrainingArguments": {"num_train_epochs": -1}}, None, "TrainingArguments.num_train_epochs: must be > 0, got -1"),
+    ({"TrainingArguments": {"learning_rate": 0}}, None, "TrainingArguments.learning_rate: must be in (0, 1), got 0"),
+    ({"TrainingArguments": {"learning_rate": float("nan")}}, None, "learning_rate: must be in (0, 1), got nan"),
+    ({"TrainingArguments": {"max_steps": 0}}, None, "TrainingArguments.max_steps: must be > 0, or -1 to train"),
+    ({"TrainingArguments": {"per_device_train_batch_size": 0}}, None,
+     "TrainingArguments.per_device_train_batch_size: must be > 0, got 0"),
+    ({"TrainingArguments": {"gradient_accumulation_steps": -2}}, None,
+     "TrainingArguments.gradient_accumulation_steps: must be > 0, got -2"),
+    ({"TrainingArguments": {"max_length": 0}}, None, "TrainingArguments.max_length: must be > 0, got 0"),
+    ({"TrainingArguments": {"warmup_steps": -5}}, None, "TrainingArguments.warmup_steps: must be >= 0, got -5"),
+    ({"TrainingArguments": {"save_total_limit": -1}}, None, "TrainingArguments.save_total_limit: must be >= 0"),
+    ({"TrainingArguments": {"seed": -1}}, None, "TrainingArguments.seed: must be >= 0, got -1"),
+    ({"LoraConfig": {"lora_dropout": 1.0}}, None, "LoraConfig.lora_dropout: must be in [0, 1), got 1"),
+    ({"LoraConfig": {"lora_alpha": -8}}, None, "LoraConfig.lora_alpha: must be > 0, got -8"),
+    ({"DataCollator": {"mlm_probability": 1.5}}, None, "DataCollator.mlm_probability: must be in [0, 1], got 1.5"),
+    ({"DataCollator": {"mask_replace_prob": 0.9, "random_replace_prob": 0.2}}, None,
+     "DataCollator.mask_replace_prob: mask_replace_prob + random_replace_prob must be at most 1"),
+    ({"DatasetConfig": {"max_rows": 0}}, None, "DatasetConfig.max_rows: must be > 0, got 0"),
+    ({"DatasetConfig": {"shuffle_seed": -3}}, None, "DatasetConfig.shuffle_seed: must be >= 0, got -3"),
+    ({"DataCollator": {"tokenizer": "gpt2"}}, None, "DataCollator.tokenizer: unknown key"),
     ({"DatasetConfig": {"dataset_path": "../config"}}, None, "DatasetConfig.dataset_path: '../config' leaves"),
     ({"DatasetConfig": {"dataset_path": "/mnt/data/../etc"}}, None, "leaves the input directory"),
     ({"LoraConfig": "r=8"}, None, "LoraConfig: must be a mapping"),
@@ -73,7 +93,7 @@ def test_relative_output_dir_goes_under_mnt():
 
 
 def test_not_yaml_and_wrong_shape():
-    assert "is not valid YAML at line" in messages("training_config:\n  - a\n b: [")[0]
+    assert "is not valid YAML: line" in messages("training_config:\n  - a\n b: [")[0]
     assert "must be a mapping with the key 'training_config'" in messages("LoraConfig: {r: 8}")[0]
 
 
@@ -89,3 +109,26 @@ def test_real_class_fields_are_accepted():
                                       "gradient_checkpointing_kwargs": {"use_reentrant": False}},
                 "QuantizationConfig": {"load_in_4bit": True, "bnb_4bit_compute_dtype": "bfloat16"}})
     assert messages(text, "qlora") == []
+
+
+def test_kaito_model_config_keys_are_accepted():
+    """Every key of Kaito's ModelConfig (presets/workspace/tuning/text-generation/cli.py) loads."""
+    text = cfg({"ModelConfig": {"pretrained_model_name_or_path": "/workspace/tfs/weights", "state_dict": None,
+                                "cache_dir": "/mnt/hf-cache", "force_download": False, "proxies": None,
+                                "output_loading_info": False, "local_files_only": False, "revision": "main",
+                                "trust_remote_code": False, "torch_dtype": "bfloat16", "device_map": "auto",
+                                "chat_template": None},
+                "DataCollator": {"mlm": True, "mlm_probability": 0.15, "mask_replace_prob": 0.8,
+                                 "random_replace_prob": 0.1, "pad_to_multiple_of": 8, "return_tensors": "pt",
+                                 "whole_word_mask": False, "seed": 1}})
+    assert messages(text, "lora") == []
+    assert parse_config(text)[0].model().cache_dir == "/mnt/hf-cache"
+
+
+def test_boundaries_are_allowed():
+    text = cfg({"TrainingArguments": {"max_steps": -1, "num_train_epochs": 0.5, "warmup_steps": 0, "seed": 0,
+                                      "learning_rate": 0.0002},
+                "LoraConfig": {"lora_dropout": 0.0, "r": 1},
+                "DataCollator": {"mlm_probability": 1.0, "mask_replace_prob": 0.5, "random_replace_prob": 0.5},
+                "DatasetConfig": {"train_test_split": 1}})
+    assert messages(text) == []
