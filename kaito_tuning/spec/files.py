@@ -178,6 +178,8 @@ def _check_expansion(node) -> None:
 def _yaml_error(e: BaseException) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    if isinstance(e, yaml.reader.ReaderError):
+        where = f"character {e.position + 1} (#x{e.character:04x}): " if isinstance(e.character, int) else ""
     problem = getattr(e, "problem", None) or getattr(e, "reason", None) or type(e).__name__
     return clip(f"{where}{problem}", 200)
 
@@ -186,8 +188,9 @@ def load_yaml_all(text: str) -> list[Any]:
     """Every document of ``text`` (None for empty ones), within the budget; raise YamlError."""
     if len(text) > MAX_YAML_BYTES:
         raise YamlError(f"is {len(text):,} characters; at most {MAX_YAML_BYTES:,} are read")
-    loader = _BudgetLoader(text)
+    loader = None
     try:
+        loader = _BudgetLoader(text)
         docs = []
         while loader.check_data():
             docs.append(loader.get_data())
@@ -197,7 +200,8 @@ def load_yaml_all(text: str) -> list[Any]:
     except (ValueError, TypeError, KeyError, OverflowError, RecursionError, MemoryError) as e:
         raise YamlError(f"is not valid YAML: {clip(type(e).__name__ + ': ' + str(e)[:150], 200)}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml(text: str) -> Any:
