@@ -25,6 +25,10 @@ def cli_presets(args: argparse.Namespace) -> int:
 
 def cli_instances(args: argparse.Namespace) -> int:
     print(f"{'INSTANCE TYPE':28} {'GPUS':>4} {'GiB/GPU':>7} {'GPU':10} BF16")
-    for t in INSTANCE_TYPES.values():
-        print(f"{t.name:28} {t.gpu_count:>4} {t.gpu_memory_gib:>7} {t.gpu_model:10} {'yes' if t.bf16 else 'no'}")
+    for key, t in INSTANCE_TYPES.items():
+        if key != t.name:
+            continue
+        note = "" if t.cuda else "  (not NVIDIA: refused)"
+        note += f"  (also {', '.join(t.aliases)})" if t.aliases else ""
+        print(f"{t.name:28} {t.gpu_count:>4} {t.gpu_memory_gib:>7} {t.gpu_model:10} {'yes' if t.bf16 else 'no'}{note}")
     return 0

@@ -35,6 +35,7 @@ class Preset:
     license: str = ""
     gating: str = ""
     offline: dict = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()  # other names Kaito uses for it (e.g. its tuning table's key)
 
     def supports(self, method: str) -> bool:
         return method in self.methods
@@ -70,6 +71,7 @@ def _parse(path: Path) -> Preset:
         license=d.get("license", ""),
         gating=d.get("gating", ""),
         offline=src.get("offline") or {},
+        aliases=tuple(str(a).lower() for a in d.get("aliases") or ()),
     )
 
 
@@ -88,17 +90,21 @@ class UnknownPreset(LookupError):
     pass
 
 
-def get_preset(name: str) -> Preset:
-    """A preset by its short name or by its Hugging Face repo id (case-insensitive)."""
+def get_preset(name: str, *, purpose: str = "tuning") -> Preset:
+    """A preset by its short name, an alias, or its Hugging Face repo id (case-insensitive).
+
+    ``purpose`` (tuning or inference) decides which presets an unknown name's message lists.
+    """
     presets = all_presets()
     key = name.strip().lower()
     for p in presets.values():
-        if key in (p.name, p.repo.lower()):
+        if key in (p.name, p.repo.lower(), *p.aliases):
             return p
-    close = difflib.get_close_matches(key, list(presets), n=3, cutoff=0.5)
-    tunable = sorted(n for n, p in presets.items() if p.methods)
-    hint = f"did you mean {', '.join(close)}?" if close else f"tunable presets: {', '.join(tunable)}"
-    raise UnknownPreset(f"unknown preset {name!r}; {hint}")
+    candidates = sorted(n for n, p in presets.items() if p.methods or purpose != "tuning")
+    close = difflib.get_close_matches(key[:80], candidates, n=3, cutoff=0.5)
+    shown = repr(name) if len(name) <= 80 else repr(name[:77] + "...")
+    hint = f"did you mean {', '.join(close)}?" if close else f"{purpose} presets: {', '.join(candidates)}"
+    raise UnknownPreset(f"unknown preset {shown}; {hint}")
 
 
 DEFAULT_PRESET = "smollm2-135m-instruct"

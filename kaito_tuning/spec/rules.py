@@ -119,7 +119,11 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
             except UnknownInstanceType as e:
                 p.append(Problem("resource.instanceType", str(e)))
             else:
-                need = preset.gpu_memory_gib.get(method) if preset and method else None
+                if not inst.cuda:
+                    p.append(Problem("resource.instanceType",
+                                     f"{inst.name} has {inst.gpu_model} accelerators; the tuner runs on NVIDIA GPUs "
+                                     "(CUDA): choose an NVIDIA instance type, e.g. Standard_NC24ads_A100_v4"))
+                need = preset.gpu_memory_gib.get(method) if preset and method and inst.cuda else None
                 if need and inst.gpu_memory_gib < need:
                     fits = ", ".join(f"{i.name} ({i.gpu_memory_gib} GiB)" for i in fitting(need))
                     alt = ""
@@ -232,7 +236,7 @@ def _validate_inference(ws: Workspace) -> list[Problem]:
         p.append(Problem("inference.preset.name", "is required"))
     else:
         try:
-            get_preset(inf.preset.name)
+            get_preset(inf.preset.name, purpose="inference")
         except UnknownPreset as e:
             p.append(Problem("inference.preset.name", str(e)))
     if len(inf.adapters) > MAX_ADAPTERS:
