@@ -37,6 +37,8 @@ def _run(p):
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registry (local registries)")
     p.add_argument("--no-push", action="store_true", help="do not push to output.image even if it is set")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="allow dataset URLs on loopback/private addresses (refused by default, as in the Job)")
 
 
 def _job(p):
@@ -83,9 +85,17 @@ def _chat(p):
 
 
 def _serve(p):
+    from kaito_tuning.contract import SERVER_PORT
+
     _adapters(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a pod)")
-    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--port", type=int, default=SERVER_PORT)
+    p.add_argument("--max-queue", type=int, default=8, metavar="N",
+                   help="requests generating or waiting to (one generates at a time); more get 503 (default 8)")
+    p.add_argument("--idle-timeout", type=int, default=15, metavar="SECONDS",
+                   help="close a connection that sends no complete request for this long (default 15)")
+    p.add_argument("--max-connections", type=int, default=256, metavar="N",
+                   help="open connections at most; more get 503 (default 256)")
 
 
 def _demo(p):
@@ -107,14 +117,14 @@ def _none(p):
 COMMANDS = {
     "validate": ("kaito_tuning.spec.check", "check Workspace and ConfigMap YAML files", _validate),
     "render": ("kaito_tuning.controller.manifests", "print the manifests the operator would create for a workspace", _render),
-    "run": ("kaito_tuning.tuner.pipeline", "run a tuning workspace on this machine: download, train, push", _run),
-    "job": ("kaito_tuning.tuner.job", "one step of the tuning Job (inside the tuner container)", _job),
-    "push": ("kaito_tuning.artifacts.oci", "push an adapter directory as an OCI image", _push),
-    "pull": ("kaito_tuning.artifacts.oci", "pull an adapter image into a directory", _pull),
-    "chat": ("kaito_tuning.serving.serve", "ask a preset model (with adapters) one question", _chat),
-    "serve": ("kaito_tuning.serving.serve", "serve a preset model with adapters over HTTP (/chat, /v1/chat/completions)", _serve),
+    "run": ("kaito_tuning.tuner.cli", "run a tuning workspace on this machine: download, train, push", _run),
+    "job": ("kaito_tuning.tuner.cli", "one step of the tuning Job (inside the tuner container)", _job),
+    "push": ("kaito_tuning.artifacts.cli", "push an adapter directory as an OCI image", _push),
+    "pull": ("kaito_tuning.artifacts.cli", "pull an adapter image into a directory", _pull),
+    "chat": ("kaito_tuning.serving.cli", "ask a preset model (with adapters) one question", _chat),
+    "serve": ("kaito_tuning.serving.cli", "serve a preset model with adapters over HTTP (/chat, /v1/chat/completions)", _serve),
     "demo": ("kaito_tuning.dev.demo", "the whole loop offline on SmolLM2: data, train, push, pull, compare answers", _demo),
-    "operator": ("kaito_tuning.controller.reconcile", "run the operator (kopf)", _operator),
+    "operator": ("kaito_tuning.controller.handlers", "run the operator (kopf)", _operator),
     "crd": ("kaito_tuning.spec.info", "print the Workspace CRD", _none),
     "presets": ("kaito_tuning.spec.info", "list preset models", _none),
     "instances": ("kaito_tuning.spec.info", "list GPU instance types", _none),

@@ -48,6 +48,7 @@ ENV_TERMINATION_LOG = "KAITO_TERMINATION_LOG"
 ENV_CACHE_DIR = "KAITO_CACHE_DIR"
 ENV_PRESETS_DIR = "KAITO_PRESETS_DIR"
 ENV_MAX_DOWNLOAD_BYTES = "KAITO_MAX_DOWNLOAD_BYTES"
+ENV_ALLOW_PRIVATE_URLS = "KAITO_ALLOW_PRIVATE_URLS"  # dataset URLs on private addresses: off unless set
 
 # ---- the adapter directory (what training writes, what is pushed, what serving loads)
 ADAPTER_CONFIG = "adapter_config.json"
@@ -63,3 +64,24 @@ IMAGE_ANNOTATION_BASE_MODEL = "kaito.sh/base-model"
 IMAGE_ANNOTATION_METHOD = "kaito.sh/method"
 IMAGE_ANNOTATION_RANK = "kaito.sh/lora-rank"
 IMAGE_ANNOTATION_DATASETS = "kaito.sh/dataset-digests"
+
+
+def dataset_location(dataset_path: str) -> str:
+    """Where ``DatasetConfig.dataset_path`` points inside the pod, as Kaito reads it: relative to ``/mnt``
+    (``/data/x.parquet`` and ``data/x.parquet`` are ``/mnt/data/x.parquet``); a path already under
+    ``/mnt/`` is taken as it is. The caller checks that the result lies under ``DATA_DIR``."""
+    import posixpath
+
+    p = dataset_path.strip()
+    if p == MOUNT_ROOT or p.startswith(MOUNT_ROOT + "/"):
+        return posixpath.normpath(p)
+    return posixpath.normpath(MOUNT_ROOT + "/" + p.lstrip("/"))
+
+
+def in_data_dir(location: str) -> str | None:
+    """``location`` relative to ``DATA_DIR`` ("" for the directory itself), or None when it lies outside."""
+    if location == DATA_DIR:
+        return ""
+    if location.startswith(DATA_DIR + "/"):
+        return location[len(DATA_DIR) + 1:]
+    return None

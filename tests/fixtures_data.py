@@ -123,7 +123,10 @@ def data_server(datasets_dir):
 class BadServer:
     """Paths: /404, /500 (always), /flaky (500 twice, then the file), /hang (never answers), /html,
     /big (streams more than any test cap, no Content-Length), /drop (closes half way the first time,
-    then honours Range), /file (the good file). ``hits[path]`` counts requests."""
+    then honours Range with If-Range), /cut (half a parquet file, no Content-Length: the truncation
+    is invisible to HTTP), /secret (a text file with a credential in its first line), /to-metadata and
+    /to-hostname (redirect to the cloud metadata address / to this machine by its host name),
+    /file (the good file). ``hits[path]`` counts requests; ``if_ranges`` the If-Range headers seen."""
 
     def __init__(self, payload: bytes):
         self.payload = payload
@@ -131,6 +134,7 @@ class BadServer:
         self.drop_payload = b"PAR1" + bytes(range(256)) * 1600 + b"PAR1"
         self.hits: dict[str, int] = {}
         self.ranges: list[str | None] = []
+        self.if_ranges: list[str | None] = []
         self.stop = threading.Event()
         server = self
 
@@ -156,12 +160,27 @@ class BadServer:
                     for _ in range(64):
                         self.wfile.write(b"x" * 65536)
                     return
+                if path == "/cut":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(server.payload[: len(server.payload) // 2])
+                    self.close_connection = True
+                    return
+                if path == "/secret":
+                    return self._send(200, b"aws_secret_access_key=TOPSECRET123\nmore\n", "text/plain")
+                if path == "/to-metadata":
+                    return self._redirect("http://169.254.169.254/latest/meta-data/iam/")
+                if path == "/to-hostname":
+                    return self._redirect(f"http://{socket.gethostname()}:{self.server.server_address[1]}/file")
                 if path == "/drop":
                     data = server.drop_payload
                     rng = self.headers.get("Range")
                     server.ranges.append(rng)
+                    server.if_ranges.append(self.headers.get("If-Range"))
                     if n == 1:
                         self.send_response(200)
+                        self.send_header("ETag", '"v1"')
                         self.send_header("Content-Length", str(len(data)))
                         self.send_header("Connection", "close")
                         self.end_headers()
@@ -171,6 +190,7 @@ class BadServer:
                         return
                     start = int(rng.split("=")[1].split("-")[0]) if rng else 0
                     self.send_response(206 if rng else 200)
+                    self.send_header("ETag", '"v1"')
                     if rng:
                         self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                     self.send_header("Content-Length", str(len(data) - start))
@@ -180,6 +200,12 @@ class BadServer:
                 if path in ("/flaky", "/file"):
                     return self._send(200, server.payload, "application/octet-stream")
                 return self._send(404, b"no such path")
+
+            def _redirect(self, location):
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
 
             def _send(self, code, body, ctype="text/plain"):
                 self.send_response(code)
@@ -191,7 +217,7 @@ class BadServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
         self.httpd.daemon_threads = True
         # a client that gave up (the timeout tests) leaves a broken pipe here: expected, not worth a traceback
         self.httpd.handle_error = lambda request, client_address: None

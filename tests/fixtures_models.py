@@ -12,13 +12,15 @@ SPECIAL = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
 
 
 def build_tokenizer(path: Path):
-    """A 2048-token byte-level BPE trained on this repository's Python files."""
+    """A 2048-token byte-level BPE trained on a few standard-library modules (stable while the code changes)."""
+    import email
+    import json
+
     import trl
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    root = Path(__file__).resolve().parent.parent
-    corpus = [p.read_text(errors="ignore") for p in sorted((root / "kaito_tuning").rglob("*.py"))]
+    corpus = [p.read_text(errors="ignore") for pkg in (json, email) for p in sorted(Path(pkg.__file__).parent.glob("*.py"))]
     corpus += ["The capital of France is Paris. What is the colour of the sky? It is blue. " * 20]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

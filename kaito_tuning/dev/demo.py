@@ -180,7 +180,7 @@ def run_demo(steps: int, root: Path) -> DemoResult:
     from kaito_tuning.artifacts import pull_adapter
     from kaito_tuning.dev.localregistry import LocalRegistry
     from kaito_tuning.serving import Generation, load_engine, parse_adapter_args
-    from kaito_tuning.tuner.pipeline import run
+    from kaito_tuning.tuner.local import run_local
 
     root.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="scratch-", dir=root))
@@ -195,8 +195,10 @@ def run_demo(steps: int, root: Path) -> DemoResult:
             print(f"   served at {data_url}")
             _say("2/5", f"local registry at {registry.host} (password-protected)")
             _say("3/5", f"kaito-tuning run: preset {DEFAULT_PRESET}, method lora, {steps} steps → {image}")
-            result = run(workspace_docs(data_url, image), output_dir=str(root / "adapter"), max_steps=steps,
-                         auth_file=registry.auth_file, plain_http=True, workdir=str(scratch / "run"))
+            # the demo's data is served on loopback: it opts in to private URLs, as a local user may
+            result = run_local(workspace_docs(data_url, image), output_dir=str(root / "adapter"), max_steps=steps,
+                               push_auth=registry.auth_file, plain_http=True, allow_private_urls=True,
+                               workdir=str(scratch / "run"))
             loss = "–" if result.train_loss is None else f"{result.train_loss:.3f}"
             print(f"   trained {result.steps} steps, last train loss {loss}; pushed {result.image}@{result.digest}")
             _say("4/5", "pulling the adapter back from the registry into a fresh directory")

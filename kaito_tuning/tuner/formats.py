@@ -50,6 +50,10 @@ class Splits:
     formats: dict[str, str] = field(default_factory=dict)  # file name -> detected source format
     files: list[DataFile] = field(default_factory=list)
 
+    @property
+    def digests(self) -> list[str]:
+        return [f.sha256 for f in self.files]
+
 
 # ------------------------------------------------------------------ reading files
 

@@ -17,11 +17,20 @@ import json
 import logging
 import os
 import posixpath
-import time
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
+from kaito_tuning import addresses, redact, retry
+from kaito_tuning.contract import (
+    DATA_DIR,
+    ENV_ALLOW_PRIVATE_URLS,
+    ENV_MAX_DOWNLOAD_BYTES,
+    MOUNT_ROOT,
+    dataset_location,
+    in_data_dir,
+)
 from kaito_tuning.errors import TransientError, UserError
 
 log = logging.getLogger(__name__)
@@ -107,8 +116,8 @@ def detect_kind(path: str | Path, *, source: str | None = None) -> str:
     first_line = sample.partition("\n")[0]
     if "," in first_line or "\t" in first_line:
         return "csv"
-    raise DatasetInvalid("is not parquet, JSON lines, JSON or CSV (first line: "
-                         f"{first_line[:60]!r})", field=where)
+    # what was fetched is never echoed back: it could be anything (an internal page, a secret)
+    raise DatasetInvalid("is not parquet, JSON lines, JSON or CSV", field=where)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -137,99 +146,227 @@ def local_names(urls: list[str]) -> list[str]:
 
 
 def max_bytes_default() -> int:
-    env = os.environ.get("KAITO_MAX_DOWNLOAD_BYTES")
+    env = os.environ.get(ENV_MAX_DOWNLOAD_BYTES)
     return int(env) if env else DEFAULT_MAX_BYTES
 
 
-def download_urls(urls: list[str], dest: str | Path, *, max_bytes: int | None = None, attempts: int = 3,
-                  backoff_s: float = 1.0, connect_timeout_s: float = 10.0, read_timeout_s: float = 60.0,
+def private_urls_allowed() -> bool:
+    return os.environ.get(ENV_ALLOW_PRIVATE_URLS, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def download_urls(urls: list[str], dest: str | Path, *, max_bytes: int | None = None,
+                  attempts: int = retry.DEFAULT_ATTEMPTS, allow_private: bool | None = None,
+                  connect_timeout_s: float = 10.0, read_timeout_s: float = 60.0,
                   field: str = "tuning.input.urls") -> list[DataFile]:
-    """Fetch every URL into ``dest``; write the manifest; return the files in URL order."""
+    """Fetch every URL into ``dest``; write the manifest; return the files in URL order.
+
+    Each URL is tried ``attempts`` times on transient failures (the one retry policy), resuming
+    partial files. Unless ``allow_private`` (default: ``$KAITO_ALLOW_PRIVATE_URLS``), every connection,
+    redirects included, is checked against the address it actually reached (``addresses.py``).
+    """
     if not urls:
         raise UserError("no URLs to download", field=field)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     cap = max_bytes_default() if max_bytes is None else max_bytes
+    allow = private_urls_allowed() if allow_private is None else allow_private
     files = []
-    for i, (url, name) in enumerate(zip(urls, local_names(urls))):
-        where = f"{field}[{i}]"
-        path = dest / name
-        sha, size = _fetch(url, path, cap=cap, attempts=attempts, backoff_s=backoff_s,
-                           timeout=(connect_timeout_s, read_timeout_s), where=where)
-        files.append(DataFile(path=str(path), sha256=sha, size=size, kind=detect_kind(path, source=f"{where} ({url})"),
-                              url=url))
+    with _session(allow) as session:
+        for i, (url, name) in enumerate(zip(urls, local_names(urls), strict=True)):
+            where, shown = f"{field}[{i}]", redact.url(url)
+            path = dest / name
+            fetch = _Fetch(session, url, path, cap=cap, where=where, allow_private=allow,
+                           timeout=(connect_timeout_s, read_timeout_s))
+            sha, size = retry.call(fetch.once, attempts=attempts)
+            kind = detect_kind(path, source=f"{where} ({shown})")
+            files.append(DataFile(path=str(path), sha256=sha, size=size, kind=kind, url=shown))
     write_manifest(files, dest)
     return files
 
 
-def _fetch(url: str, path: Path, *, cap: int, attempts: int, backoff_s: float, timeout: tuple, where: str):
+# ---- one download attempt: redirects, the address policy, resume, integrity
+
+MAX_REDIRECTS = 5
+_REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class _Refused(Exception):
+    """A connection reached an address the policy refuses (raised inside urllib3, mapped below)."""
+
+
+def _guarded_connection(base):
+    class Guarded(base):
+        def connect(self):
+            super().connect()
+            why = addresses.forbidden(self.sock.getpeername()[0])
+            if why:
+                self.sock.close()
+                raise _Refused(f"{self.host} resolved to an address that {why}")
+    return Guarded
+
+
+def _session(allow_private: bool):
+    """A requests session with no proxies from the environment; unless private addresses are allowed,
+    its connections check the peer address after connecting (so DNS tricks cannot pass)."""
     import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3 import connectionpool
 
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise DownloadRefused(f"{url!r} is not an http(s) URL", field=where)
-    part = path.with_name(path.name + ".part")
-    last = ""
-    for attempt in range(1, attempts + 1):
-        have = part.stat().st_size if part.exists() else 0
-        headers = {"Range": f"bytes={have}-"} if have else {}
+    session = requests.Session()
+    session.trust_env = False  # a proxy would be the peer; downloads go direct
+    if not allow_private:
+        class Pool(connectionpool.HTTPConnectionPool):
+            ConnectionCls = _guarded_connection(connectionpool.HTTPConnectionPool.ConnectionCls)
+
+        class TLSPool(connectionpool.HTTPSConnectionPool):
+            ConnectionCls = _guarded_connection(connectionpool.HTTPSConnectionPool.ConnectionCls)
+
+        class Adapter(HTTPAdapter):
+            def init_poolmanager(self, *args, **kwargs):
+                super().init_poolmanager(*args, **kwargs)
+                self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+
+        session.mount("http://", Adapter())
+        session.mount("https://", Adapter())
+    return session
+
+
+class _Fetch:
+    """Downloads one URL to ``path`` through ``<path>.part``; ``once()`` is one attempt."""
+
+    def __init__(self, session, url: str, path: Path, *, cap: int, where: str, allow_private: bool, timeout):
+        self.session, self.url, self.path, self.cap, self.where = session, url, path, cap, where
+        self.allow_private, self.timeout = allow_private, timeout
+        self.shown = redact.url(url)
+        self.part = path.with_name(path.name + ".part")
+        self.validator: str | None = None  # ETag or Last-Modified of what .part holds (for If-Range)
+
+    def _refuse(self, message: str, **kw) -> DownloadRefused:
+        return DownloadRefused(f"{self.shown} {message}", field=self.where, **kw)
+
+    def _check_target(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise DownloadRefused(f"{redact.url(url)} is not an http(s) URL", field=self.where)
+        if not self.allow_private and (why := addresses.forbidden_host(parts.hostname or "")):
+            raise DownloadRefused(f"{redact.url(url)}: the host {why}; dataset URLs must be public "
+                                  "(local runs may pass --allow-private-urls)", field=self.where,
+                                  reason="URLNotAllowed")
+
+    def once(self) -> tuple[str, int]:
+        import requests
+
+        have = self.part.stat().st_size if self.part.exists() and self.validator else 0
+        if not have:
+            self.part.unlink(missing_ok=True)
+        headers = {"Range": f"bytes={have}-", "If-Range": self.validator} if have else {}
+        url = self.url
         try:
-            with requests.get(url, stream=True, timeout=timeout, headers=headers, allow_redirects=True) as r:
-                if r.status_code == 416 and have:  # nothing left to send, or the file changed: start over
-                    part.unlink()
-                    last = "HTTP 416 on resume"
+            for _ in range(MAX_REDIRECTS + 1):
+                self._check_target(url)
+                r = self.session.get(url, stream=True, timeout=self.timeout, headers=headers, allow_redirects=False)
+                if r.status_code in _REDIRECTS and r.headers.get("Location"):
+                    url = urljoin(url, r.headers["Location"])
+                    r.close()
                     continue
-                if r.status_code in (404, 410):
-                    raise DownloadRefused(f"{url} answered HTTP {r.status_code} (not found): check the URL", field=where)
-                if r.status_code in (401, 403):
-                    raise DownloadRefused(f"{url} answered HTTP {r.status_code}: the file is not public; give a URL "
-                                          "that needs no credentials (or a pre-signed one)", field=where)
-                if r.status_code >= 500 or r.status_code == 429:
-                    last = f"HTTP {r.status_code}"
-                elif r.status_code >= 400:
-                    raise DownloadRefused(f"{url} answered HTTP {r.status_code}", field=where)
-                else:
-                    resumed = r.status_code == 206 and have and r.headers.get("Content-Range", "").startswith(
-                        f"bytes {have}-")
-                    if not resumed:
-                        have = 0
-                    expected = _expected_size(r, have)
-                    if expected is not None and expected > cap:
-                        raise _too_large(url, expected, cap, where)
-                    got = _stream(r, part, append=bool(resumed), start=have, cap=cap, url=url, where=where)
-                    if expected is None or got == expected:
-                        os.replace(part, path)
-                        return sha256_file(path), got
-                    last = f"connection closed after {got} of {expected} bytes"
-        except (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-            last = "timed out" if isinstance(e, requests.Timeout) else f"connection failed ({type(e).__name__})"
-        if attempt < attempts:
-            time.sleep(backoff_s * 2 ** (attempt - 1))
-    raise DownloadFailed(f"{url} failed {attempts} times; last: {last}", field=where)
+                with r:
+                    return self._receive(r, have)
+            raise self._refuse(f"redirects more than {MAX_REDIRECTS} times")
+        except _Refused as e:
+            raise DownloadRefused(f"{redact.url(url)}: {e}; dataset URLs must be public (local runs may pass "
+                                  "--allow-private-urls)", field=self.where, reason="URLNotAllowed") from None
+        except requests.exceptions.ConnectionError as e:
+            if isinstance(e.__context__, _Refused) or "_Refused" in repr(e):
+                raise DownloadRefused(f"{redact.url(url)}: {_refused_reason(e)}; dataset URLs must be public "
+                                      "(local runs may pass --allow-private-urls)", field=self.where,
+                                      reason="URLNotAllowed") from None
+            raise DownloadFailed(f"{self.shown}: connection failed ({type(e).__name__})", field=self.where) from None
+        except (requests.Timeout, requests.exceptions.ChunkedEncodingError) as e:
+            what = "timed out" if isinstance(e, requests.Timeout) else "the connection broke off"
+            raise DownloadFailed(f"{self.shown}: {what}", field=self.where) from None
+
+    def _receive(self, r, have: int) -> tuple[str, int]:
+        code = r.status_code
+        if code == 416 and have:  # nothing left to send, or the file changed: start over
+            self.part.unlink(missing_ok=True)
+            self.validator = None
+            raise DownloadFailed(f"{self.shown}: HTTP 416 on resume; starting over", field=self.where)
+        if code in (404, 410):
+            raise self._refuse(f"answered HTTP {code} (not found): check the URL")
+        if code in (401, 403):
+            raise self._refuse(f"answered HTTP {code}: the file is not public; give a URL that needs no "
+                               "credentials (or a pre-signed one)")
+        if code >= 500 or code == 429:
+            e = DownloadFailed(f"{self.shown} answered HTTP {code}", field=self.where)
+            after = r.headers.get("Retry-After", "")
+            if after.isdigit():
+                e.retry_after = int(after)
+            raise e
+        if code >= 400 or code in _REDIRECTS:
+            raise self._refuse(f"answered HTTP {code}")
+        resumed = bool(have) and code == 206 and r.headers.get("Content-Range", "").startswith(f"bytes {have}-")
+        start = have if resumed else 0
+        expected = _expected_size(r, start)
+        if expected is not None and expected > self.cap:
+            raise _too_large(self.shown, expected, self.cap, self.where)
+        self.validator = r.headers.get("ETag") or r.headers.get("Last-Modified")
+        got = self._stream(r, append=resumed, start=start)
+        if expected is not None and got != expected:
+            raise DownloadFailed(f"{self.shown}: the connection closed after {got} of {expected} bytes",
+                                 field=self.where)
+        if self.part.stat().st_size and not _complete(self.part):
+            self.part.unlink(missing_ok=True)
+            self.validator = None
+            raise DownloadFailed(f"{self.shown}: the parquet file is incomplete (no footer): the download was cut "
+                                 "off", field=self.where)
+        with open(self.part, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.part, self.path)
+        return sha256_file(self.path), got
+
+    def _stream(self, r, *, append: bool, start: int) -> int:
+        got = start
+        with open(self.part, "ab" if append else "wb") as fh:
+            for chunk in r.iter_content(CHUNK):
+                got += len(chunk)
+                if got > self.cap:
+                    fh.close()
+                    self.part.unlink(missing_ok=True)
+                    raise _too_large(self.shown, got, self.cap, self.where)
+                fh.write(chunk)
+        return got
 
 
-def _expected_size(r, have: int) -> int | None:
+def _refused_reason(e: BaseException) -> str:
+    seen = e
+    while seen is not None:
+        if isinstance(seen, _Refused):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    m = re.search(r"_Refused\('([^']*)'", repr(e))
+    return m.group(1) if m else "the address is not allowed"
+
+
+def _complete(path: Path) -> bool:
+    """False for a parquet file without its footer (it ends with PAR1): a download cut off where HTTP
+    could not tell (no Content-Length). Other formats have no end marker to check."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"PAR1":
+            return True
+        fh.seek(max(0, path.stat().st_size - 4))
+        return fh.read(4) == b"PAR1"
+
+
+def _expected_size(r, start: int) -> int | None:
     length = r.headers.get("Content-Length")
     if length is None or not length.isdigit():
         return None
-    return int(length) + (have if r.status_code == 206 else 0)
+    return int(length) + start
 
 
-def _too_large(url: str, size: int, cap: int, where: str) -> UserError:
-    return DownloadRefused(f"{url} is larger than the size cap ({size} > {cap} bytes); raise "
-                           "KAITO_MAX_DOWNLOAD_BYTES or use a smaller file", field=where, reason="DatasetTooLarge")
-
-
-def _stream(r, part: Path, *, append: bool, start: int, cap: int, url: str, where: str) -> int:
-    got = start
-    with open(part, "ab" if append else "wb") as fh:
-        for chunk in r.iter_content(CHUNK):
-            got += len(chunk)
-            if got > cap:
-                fh.close()
-                part.unlink(missing_ok=True)
-                raise _too_large(url, got, cap, where)
-            fh.write(chunk)
-    return got
+def _too_large(shown: str, size: int, cap: int, where: str) -> UserError:
+    return DownloadRefused(f"{shown} is larger than the size cap ({size} > {cap} bytes); raise "
+                           f"{ENV_MAX_DOWNLOAD_BYTES} or use a smaller file", field=where, reason="DatasetTooLarge")
 
 
 # ------------------------------------------------------------------ manifest and directories
@@ -246,7 +383,8 @@ def collect_dir(root: str | Path, *, dataset_path: str | None = None, extension:
                 field: str = "tuning.input") -> list[DataFile]:
     """Every data file under ``root`` (recursively; hidden files skipped), or under ``dataset_path`` in it.
 
-    ``dataset_path`` is relative to ``root`` (Kaito's ``/mnt/data/...`` absolute form is accepted too);
+    ``dataset_path`` is read as Kaito reads it, relative to ``/mnt`` (``/data/x.parquet`` is
+    ``<root>/x.parquet``: ``root`` is what the pod mounts at ``/mnt/data``);
     ``extension`` keeps only files of that type. Sizes and sha256s come from the download manifest
     when the download step wrote one, else they are computed here.
     """
@@ -255,7 +393,11 @@ def collect_dir(root: str | Path, *, dataset_path: str | None = None, extension:
         raise UserError(f"input directory {root} does not exist", field=field)
     base = root
     if dataset_path:
-        rel = dataset_path[len("/mnt/data"):].lstrip("/") if dataset_path.startswith("/mnt/data") else dataset_path
+        rel = in_data_dir(dataset_location(dataset_path))
+        if rel is None:
+            raise UserError(f"{dataset_path!r} is outside the input directory {DATA_DIR} (paths are relative to "
+                            f"{MOUNT_ROOT}, as in Kaito: /data/x.parquet is {DATA_DIR}/x.parquet)",
+                            field="DatasetConfig.dataset_path")
         base = root / rel
         if not base.exists():
             raise UserError(f"{dataset_path!r} does not exist in the input; files there: "

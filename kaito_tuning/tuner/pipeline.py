@@ -1,141 +1,186 @@
-"""``kaito-tuning run WORKSPACE.yaml``: the whole tuning pipeline on one machine, no Kubernetes.
+"""The tuning pipeline, once: inputs → data → weights → train → push.
 
-download → format → train → (push). The same steps the Job runs (``job.py``), in one process:
-the Workspace and its ConfigMap (when the file holds one) are validated exactly as the operator
-validates them, URLs are downloaded (a ``hostPath`` volume or an input image work too), and the
-adapter is written to ``--output-dir`` and pushed to ``tuning.output.image`` unless ``--no-push``.
+Both ways of running it go through these functions with the same ``Plan``:
+
+- ``kaito-tuning run WS.yaml`` (``tuner/cli.py``) builds the plan from the file and calls ``run``:
+  every step in one process, with a progress bar.
+- The operator's Job runs one step per container (``kaito-tuning job download|train|push``);
+  ``tuner/job.py`` builds the same plan from the pod's environment and mounts and calls
+  ``fetch_inputs``, ``train_step`` or ``push_step``.
+
+The plan is resolved once, at the top (workspace, training config, preset, directories, credentials),
+and the steps take it. A step that finds its work already done for this exact run (same preset,
+method, config, data digests: the fingerprint) does not do it again: a rerun after a lost pod or a
+failed push never retrains a finished adapter.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaito_tuning.contract import LABEL_WORKSPACE, PROGRESS_FILE
 from kaito_tuning.errors import UserError
-from kaito_tuning.spec.files import load_documents, split_documents
-from kaito_tuning.spec.rules import load_workspace
-from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, load_config
+from kaito_tuning.spec.presets import Preset, get_preset
+from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.spec.workspace import Workspace
+from kaito_tuning.tuner.inputs import DataFile, collect_dir, download_urls
+from kaito_tuning.tuner.outputs import completed_adapter
+from kaito_tuning.tuner.progress import Progress
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run needs, resolved once."""
+
+    workspace: Workspace
+    config: TuningConfig
+    preset: Preset
+    data_dir: Path                      # the input files: downloaded here, pulled here, or a mounted volume
+    output_dir: Path                    # adapter, checkpoints, progress.json
+    model_dir: str | None = None        # base weights from a directory instead of the preset's source
+    pull_auth: str | None = None        # docker config.json, or a folder of them, for an input image
+    push_auth: str | None = None        # docker config.json for output.image
+    plain_http: bool = False            # registries over plain HTTP (local ones)
+    max_steps: int | None = None
+    allow_private_urls: bool = False    # dataset URLs on loopback/private addresses (local runs, tests)
+    annotations: dict[str, str] = field(default_factory=dict)  # extra annotations on the pushed image
+
+    @property
+    def name(self) -> str:
+        return self.workspace.name
+
+    @property
+    def method(self) -> str:
+        return self.workspace.tuning.method
+
+
+def make_plan(ws: Workspace, config: TuningConfig, *, data_dir: str | Path, output_dir: str | Path,
+              **options) -> Plan:
+    if ws.tuning is None:
+        raise UserError("this workspace has no tuning section; `run` trains adapters (use `serve` for inference)",
+                        field="tuning")
+    return Plan(workspace=ws, config=config, preset=get_preset(ws.tuning.preset.name), data_dir=Path(data_dir),
+                output_dir=Path(output_dir), **options)
+
+
+@dataclass
+class TrainOutcome:
+    output_dir: str
+    steps: int | None
+    train_loss: float | None
+    eval_loss: float | None
+    loss_curve: str | None = None
+    already_trained: bool = False
+
+    def to_dict(self) -> dict:
+        return {"outputDir": self.output_dir, "steps": self.steps, "trainLoss": self.train_loss,
+                "evalLoss": self.eval_loss}
 
 
 @dataclass
 class RunResult:
     adapter_dir: str
-    image: str | None = None
-    digest: str | None = None
+    steps: int | None = 0
     train_loss: float | None = None
     eval_loss: float | None = None
-    steps: int = 0
     loss_curve: str | None = None
+    image: str | None = None
+    digest: str | None = None
+    already_trained: bool = False
 
 
-def load_spec(docs: list[dict]) -> tuple[Workspace, TuningConfig]:
-    """The one tuning Workspace among ``docs`` and its training config (its ConfigMap, else the defaults)."""
-    workspaces, configmaps, _ = split_documents(docs)
-    if len(workspaces) != 1:
-        raise UserError(f"expected exactly one Workspace, found {len(workspaces)}", field="file")
-    ws = load_workspace(workspaces[0])
-    if ws.tuning is None:
-        raise UserError("this workspace has no tuning section; `run` trains adapters (use `serve` for inference)",
-                        field="tuning")
-    name = ws.tuning.config
-    text = None
-    if name:
-        cm = configmaps.get(name)
-        if cm is None:
-            raise UserError(f"names ConfigMap {name!r}, which is not in the file; add it (data.{CONFIG_KEY}) or "
-                            f"remove tuning.config to use the {ws.tuning.method} defaults", field="tuning.config")
-        text = (cm.get("data") or {}).get(CONFIG_KEY)
-        if text is None:
-            raise UserError(f"has no key {CONFIG_KEY!r} under data", field=f"ConfigMap {name}")
-    elif configmaps:
-        log.warning("ignoring ConfigMap(s) %s: tuning.config does not name one", ", ".join(configmaps))
-    return ws, load_config(text, ws.tuning.method, source=f"ConfigMap {name}" if name else CONFIG_KEY)
+# ------------------------------------------------------------------ step 1: inputs
 
-
-def fetch_input(ws: Workspace, data_dir: Path, *, auth_file: str | None = None, plain_http: bool = False) -> Path:
-    """Bring the workspace's input to a local directory; return it."""
-    from kaito_tuning.tuner.inputs import download_urls
-
-    inp = ws.tuning.input
+def fetch_inputs(plan: Plan) -> list[DataFile] | None:
+    """Bring the input to ``plan.data_dir``: download the URLs or pull the input image's /data.
+    A volume input is already there (mounted in the Job, a hostPath locally): nothing to fetch."""
+    inp = plan.workspace.tuning.input
     if inp.urls:
-        download_urls(inp.urls, data_dir)
-        return data_dir
+        files = download_urls(inp.urls, plan.data_dir, allow_private=plan.allow_private_urls)
+        log.info("downloaded %d file(s): %s", len(files), ", ".join(f"{f.name} ({f.size} bytes)" for f in files))
+        return files
     if inp.image:
         from kaito_tuning.artifacts import pull_data
 
-        pull_data(inp.image, data_dir, auth_file=auth_file, plain_http=plain_http)
-        return data_dir
-    host = (inp.volume_source or {}).get("hostPath", {}).get("path")
-    if host:
-        return Path(host)
-    kinds = ", ".join(inp.volume_source or {}) or "none"
-    raise UserError(f"a {kinds} volume cannot be read outside Kubernetes; use urls, an image or a hostPath volume "
-                    "for local runs", field="tuning.input.volumeSource")
+        pulled = pull_data(inp.image, plan.data_dir, auth_file=plan.pull_auth, plain_http=plan.plain_http)
+        log.info("pulled %s (%s): %d file(s)", inp.image, pulled.digest, len(pulled.files))
+        return None
+    log.info("input is a volume at %s; nothing to fetch", plan.data_dir)
+    return None
 
 
-def run(docs: list[dict], *, output_dir: str | None = None, max_steps: int | None = None,
-        model_dir: str | None = None, auth_file: str | None = None, plain_http: bool = False, push: bool = True,
-        progress: bool = True, workdir: str | None = None) -> RunResult:
+# ------------------------------------------------------------------ step 2: train
+
+def prepare_data(plan: Plan):
     from kaito_tuning.tuner.formats import prepare
-    from kaito_tuning.tuner.inputs import collect_dir
-    from kaito_tuning.tuner.progress import Progress
+
+    ds_cfg = plan.config.dataset()
+    files = collect_dir(plan.data_dir, dataset_path=ds_cfg.dataset_path, extension=ds_cfg.dataset_extension)
+    return prepare(files, ds_cfg)
+
+
+def train_step(plan: Plan, *, progress: Progress, show_progress: bool = False) -> TrainOutcome:
+    """Train the adapter into ``plan.output_dir``, unless a complete adapter of this very run is there."""
+    from kaito_tuning.tuner.checkpoints import fingerprint
+
+    data = prepare_data(plan)
+    fp = fingerprint(plan.preset.name, plan.method, plan.config, data.digests, plan.max_steps)
+    done = completed_adapter(plan.output_dir, fp)
+    if done:
+        log.info("%s already holds the adapter of this run (%s steps); not training again",
+                 plan.output_dir, done.get("steps"))
+        return TrainOutcome(output_dir=str(plan.output_dir), steps=done.get("steps"),
+                            train_loss=done.get("train_loss"), eval_loss=done.get("eval_loss"), already_trained=True)
     from kaito_tuning.tuner.recipe import train
 
-    ws, config = load_spec(docs)
-    t = ws.tuning
-    out = Path(output_dir or f"{ws.name}-adapter").resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    state = Progress(out / "progress.json")
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kaito-run-"))
+    r = train(preset=plan.preset, method=plan.method, config=plan.config, data=data, output_dir=plan.output_dir,
+              model_dir=plan.model_dir, max_steps=plan.max_steps, progress=progress, show_progress=show_progress,
+              workspace=plan.name)
+    return TrainOutcome(output_dir=r.adapter_dir, steps=r.steps, train_loss=r.train_loss, eval_loss=r.eval_loss,
+                        loss_curve=r.loss_curve)
+
+
+# ------------------------------------------------------------------ step 3: push
+
+def push_step(plan: Plan):
+    """Push the finished adapter in ``plan.output_dir`` to ``tuning.output.image``."""
+    from kaito_tuning.artifacts import push_adapter
+
+    image = plan.workspace.tuning.output.image
+    if not image:
+        raise UserError("is not set: nothing to push to", field="tuning.output.image")
+    if completed_adapter(plan.output_dir) is None:
+        raise UserError(f"{plan.output_dir} holds no complete adapter (adapter_config.json, "
+                        "adapter_model.safetensors, training_metadata.json): the train step did not finish",
+                        field="output", reason="NoAdapter")
+    pushed = push_adapter(plan.output_dir, image, auth_file=plan.push_auth, plain_http=plan.plain_http,
+                          annotations={LABEL_WORKSPACE: plan.name, **plan.annotations})
+    log.info("pushed %s (%s)", pushed.reference, pushed.digest)
+    return pushed
+
+
+# ------------------------------------------------------------------ all of it, in one process
+
+def run(plan: Plan, *, push: bool = True, show_progress: bool = True) -> RunResult:
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(plan.output_dir / PROGRESS_FILE)
     try:
-        state.update(phase="downloading")
-        data_root = fetch_input(ws, work / "data", auth_file=auth_file, plain_http=plain_http)
-        ds_cfg = config.dataset()
-        files = collect_dir(data_root, dataset_path=ds_cfg.dataset_path, extension=ds_cfg.dataset_extension)
-        data = prepare(files, ds_cfg)
-        result = train(preset=t.preset.name, method=t.method, config=config, data=data, output_dir=out,
-                       model_dir=model_dir, max_steps=max_steps, progress=state, show_progress=progress,
-                       workspace=ws.name)
-        run_result = RunResult(adapter_dir=result.adapter_dir, train_loss=result.train_loss,
-                               eval_loss=result.eval_loss, steps=result.steps, loss_curve=result.loss_curve)
-        if t.output.image and push:
-            from kaito_tuning.artifacts import push_adapter
-
-            state.update(phase="pushing")
-            pushed = push_adapter(result.adapter_dir, t.output.image, auth_file=auth_file, plain_http=plain_http,
-                                  annotations={"kaito.sh/workspace": ws.name})
-            run_result.image, run_result.digest = _get(pushed, "reference"), _get(pushed, "digest")
-        state.update(phase="succeeded")
-        return run_result
+        progress.update(phase="downloading")
+        fetch_inputs(plan)
+        trained = train_step(plan, progress=progress, show_progress=show_progress)
+        result = RunResult(adapter_dir=str(plan.output_dir), steps=trained.steps, train_loss=trained.train_loss,
+                           eval_loss=trained.eval_loss, loss_curve=trained.loss_curve,
+                           already_trained=trained.already_trained)
+        if push and plan.workspace.tuning.output.image:
+            progress.update(phase="pushing")
+            pushed = push_step(plan)
+            result.image, result.digest = pushed.reference, pushed.digest
+        progress.update(phase="succeeded")
+        return result
     except BaseException:
-        state.update(phase="failed")
+        progress.update(phase="failed")
         raise
-    finally:
-        if not workdir:
-            shutil.rmtree(work, ignore_errors=True)
-
-
-def _get(obj, key: str):
-    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key)
-
-
-def cli_run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run(load_documents(args.file), output_dir=args.output_dir, max_steps=args.max_steps,
-                 model_dir=args.model_dir, auth_file=args.auth_file, plain_http=args.plain_http,
-                 push=not args.no_push, progress=not args.no_progress)
-    print(f"adapter: {result.adapter_dir} ({result.steps} steps, train loss {_fmt(result.train_loss)}, "
-          f"eval loss {_fmt(result.eval_loss)})")
-    if result.image:
-        print(f"pushed: {result.image}@{result.digest}")
-    return 0
-
-
-def _fmt(v) -> str:
-    return "–" if v is None else f"{v:.4f}"

@@ -14,16 +14,13 @@ Loss masks come from TRL's own collator: assistant tokens only for chat data whe
 is (or can be patched to be) training-compatible, else the final assistant turn as a completion;
 completion tokens only for prompt/completion data.
 
-Checkpoints go to ``<output_dir>/checkpoints``; a restarted run resumes from the newest complete one
-(of the same run: a fingerprint of preset, method, config and data guards against mixing runs). The
-adapter is staged in a temporary directory and moved into ``output_dir`` at the end, with
-``adapter_config.json`` last, so a run that dies never leaves an adapter that looks complete.
+A restarted run resumes from its newest complete checkpoint (``checkpoints.py``); the adapter and
+its metadata are written by ``outputs.py`` so that a run that dies never leaves one that looks complete.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,17 +31,25 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from kaito_tuning import redact
+from kaito_tuning.contract import ADAPTER_CONFIG, METADATA_FILE
 from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.tuner.base_model import load_base, resolve_dtype, resolve_preset
+from kaito_tuning.tuner.checkpoints import CHECKPOINTS, fingerprint, newest_checkpoint, prepare_checkpoints
 from kaito_tuning.tuner.formats import Splits
+from kaito_tuning.tuner.outputs import (
+    LOSS_CURVE,
+    MODEL_CARD,
+    clear_adapter,
+    model_card,
+    point_at_source,
+    publish,
+    write_loss_curve,
+)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-METADATA = "training_metadata.json"
-LOSS_CURVE = "loss_curve.png"
 #: attention implementations that keep packed sequences apart without a dense mask
 PACKING_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -74,7 +79,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     clear_adapter(out)
-    fp = fingerprint(p.name, method, config, data, max_steps)
+    fp = fingerprint(p.name, method, config, data.digests, max_steps)
     ckpt_dir = prepare_checkpoints(out / CHECKPOINTS, fp)
     user_args = config.section("TrainingArguments")
     seed = int(user_args.get("seed", 42))
@@ -166,7 +171,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         else lora.target_modules,
         "quantization": quant or None, "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
         "packing": packing, "loss_mask": loss_mask, "data_formats": data.formats,
-        "datasets": [{"name": f.name, "url": f.url, "sha256": f.sha256, "size": f.size} for f in data.files],
+        "datasets": [{"name": f.name, "url": redact.url(f.url) if f.url else None, "sha256": f.sha256, "size": f.size}
+                     for f in data.files],
         "dataset_digests": [f"sha256:{f.sha256}" for f in data.files],
         "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "resumed_from_step": resumed_step,
@@ -177,11 +183,11 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     stage = out / f".adapter-{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
     trainer.model.save_pretrained(stage)
-    _point_at_source(stage / "adapter_config.json", p.repo, meta["base_revision"])
+    point_at_source(stage / ADAPTER_CONFIG, p.repo, meta["base_revision"])
     tokenizer.save_pretrained(stage)
     curve = write_loss_curve(history, stage / LOSS_CURVE)
-    (stage / METADATA).write_text(json.dumps(meta, indent=1, default=str))
-    (stage / "README.md").write_text(model_card(meta))
+    (stage / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=str))
+    (stage / MODEL_CARD).write_text(model_card(meta))
     publish(stage, out)
     return TrainResult(adapter_dir=str(out), steps=trainer.state.global_step, train_loss=train_loss,
                        eval_loss=final_eval, initial_eval_loss=initial_eval, tokens_per_second=tokens_per_s,
@@ -275,75 +281,6 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
     return args
 
 
-def fingerprint(preset: str, method: str, config: TuningConfig, data: Splits, max_steps: int | None) -> str:
-    """Identifies a run: checkpoints and adapters of another run are never resumed or reused."""
-    doc = {"preset": preset, "method": method, "config": config.sections, "max_steps": max_steps,
-           "data": sorted(f.sha256 for f in data.files)}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prepare_checkpoints(ckpt_dir: Path, fp: str) -> Path:
-    """The checkpoint directory for run ``fp``; checkpoints of a different run are removed."""
-    marker = ckpt_dir / ".fingerprint"
-    if ckpt_dir.exists() and (not marker.exists() or marker.read_text().strip() != fp):
-        if any(ckpt_dir.glob("checkpoint-*")):
-            log.warning("removing checkpoints of a different run (config or data changed) in %s", ckpt_dir)
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(fp)
-    return ckpt_dir
-
-
-def newest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that was written to the end (trainer_state.json is written last)."""
-    found = []
-    for d in ckpt_dir.glob("checkpoint-*"):
-        try:
-            step = int(d.name.rsplit("-", 1)[1])
-            state = json.loads((d / "trainer_state.json").read_text())
-        except (ValueError, OSError):
-            continue
-        if state.get("global_step") == step and (d / "adapter_model.safetensors").is_file():
-            found.append((step, d))
-    return max(found)[1] if found else None
-
-
-def completed_adapter(out: str | Path, fp: str | None = None) -> dict | None:
-    """The metadata of a complete adapter in ``out`` (of run ``fp`` when given), else None."""
-    out = Path(out)
-    if not all((out / f).is_file() for f in ADAPTER_FILES):
-        return None
-    try:
-        meta = json.loads((out / METADATA).read_text())
-    except (OSError, ValueError):
-        return None
-    return meta if fp is None or meta.get("fingerprint") == fp else None
-
-
-def clear_adapter(out: Path) -> None:
-    """Remove a previous adapter so nothing looks complete until this run has written its own."""
-    for name in ("adapter_config.json", METADATA, "adapter_model.safetensors"):
-        (out / name).unlink(missing_ok=True)
-
-
-def publish(stage: Path, out: Path) -> None:
-    """Move the staged files into ``out``; ``adapter_config.json`` goes last (it makes the adapter loadable)."""
-    names = sorted(p.name for p in stage.iterdir())
-    for name in [n for n in names if n != "adapter_config.json"] + ["adapter_config.json"]:
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(stage / name, target)
-    stage.rmdir()
-
-
-def _point_at_source(path: Path, repo: str, revision: str | None) -> None:
-    cfg = json.loads(path.read_text())
-    cfg["base_model_name_or_path"] = repo
-    cfg["revision"] = revision
-    path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
 def _config_model_dir(value: str | None) -> str | None:
     if value is None:
         return None
@@ -376,70 +313,3 @@ def _tokens_per_second(history: list[dict], resumed_step: int, seconds: float) -
     return round((marks[-1][1] - before) / seconds, 1)
 
 
-def write_loss_curve(history: list[dict], path: Path) -> bool:
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
-    if not train and not evals:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train:
-        ax.plot(*zip(*train), marker=".", label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), marker="o", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-def model_card(meta: dict) -> str:
-    def fmt(v):
-        return f"{v:.4f}" if isinstance(v, float) else ("–" if v is None else str(v))
-
-    data = "\n".join(f"- `{d['name']}` ({d['size']} bytes, sha256 `{d['sha256'][:16]}…`)"
-                     + (f" from {d['url']}" if d.get("url") else "") for d in meta["datasets"])
-    return f"""---
-base_model: {meta['base_model']}
-library_name: peft
-tags: [lora, {meta['method']}, kaito-tuning]
----
-
-# {meta.get('workspace') or meta['preset']} — {meta['method'].upper()} adapter for {meta['base_model']}
-
-Trained by kaito-tuning from preset `{meta['preset']}` (base revision `{meta['base_revision']}`).
-
-| | |
-|---|---|
-| method | {meta['method']} (rank {meta['rank']}, alpha {meta['lora_alpha']}) |
-| target modules | {', '.join(meta['target_modules']) if isinstance(meta['target_modules'], list) else meta['target_modules']} |
-| loss on | {meta['loss_mask'].replace('_', ' ')} tokens |
-| steps | {meta['steps']} (epochs {fmt(meta['epochs'])}) |
-| train loss | {fmt(meta['train_loss'])} |
-| eval loss | {fmt(meta['initial_eval_loss'])} before → {fmt(meta['eval_loss'])} after |
-| tokens/s | {fmt(meta['tokens_per_second'])} |
-| rows | {meta['train_rows']} train, {meta['eval_rows']} eval |
-
-## Data
-
-{data}
-
-![loss curve]({LOSS_CURVE})
-
-## Use
-
-```python
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
-base = AutoModelForCausalLM.from_pretrained("{meta['base_model']}", revision="{meta['base_revision']}")
-model = PeftModel.from_pretrained(base, "<this directory>")
-```
-"""

@@ -27,7 +27,7 @@ def test_dataset_teaches_every_fact_in_several_phrasings():
 
 
 def test_workspace_passes_the_tuners_validation(tmp_path):
-    from kaito_tuning.tuner.pipeline import load_spec
+    from kaito_tuning.tuner.local import load_spec
 
     ws, config = load_spec(demo.workspace_docs("http://127.0.0.1:8000/zorblax.parquet",
                                                "127.0.0.1:5000/demo/smollm2-adapter:0.0.1"))
@@ -72,7 +72,7 @@ def test_interrupted_demo_stops_what_it_started(tmp_path, monkeypatch, failure):
     """Ctrl-C (or a crash) during training: the registry process and file server are gone, scratch removed."""
     import urllib.request
 
-    from kaito_tuning.tuner import pipeline as tuner
+    from kaito_tuning.tuner import local
 
     seen = {}
 
@@ -82,7 +82,7 @@ def test_interrupted_demo_stops_what_it_started(tmp_path, monkeypatch, failure):
         raise failure("stop")
 
     others = set(_registry_children())  # a session fixture's registry may be running
-    monkeypatch.setattr(tuner, "run", fail)
+    monkeypatch.setattr(local, "run_local", fail)
     with pytest.raises(failure):
         demo.run_demo(3, tmp_path)
     assert set(seen["registry"]) - others, "the demo should have started a registry"

@@ -6,7 +6,7 @@ import pytest
 from fixtures_data import training_configmap, tuning_workspace
 
 from kaito_tuning.cli import main
-from kaito_tuning.errors import EXIT_TRANSIENT, EXIT_USER_ERROR
+from kaito_tuning.errors import EXIT_USER_ERROR
 from kaito_tuning.spec.rules import load_workspace
 
 
@@ -23,6 +23,7 @@ def job_env(monkeypatch, tmp_path, tiny_phi3):
     monkeypatch.setenv("KAITO_TERMINATION_LOG", str(log))
     monkeypatch.setenv("KAITO_MODEL_DIR", str(tiny_phi3))
     monkeypatch.setenv("KAITO_PROGRESS_PORT", "-1")  # any free port
+    monkeypatch.setenv("KAITO_ALLOW_PRIVATE_URLS", "1")  # the test servers are on loopback
 
     def set_workspace(ws: dict, configmap: dict | None = None):
         monkeypatch.setenv("KAITO_WORKSPACE", json.dumps(load_workspace(ws).to_dict()))
@@ -37,7 +38,8 @@ def job_env(monkeypatch, tmp_path, tiny_phi3):
 def test_download_train_push_and_retry_without_retraining(job_env, data_server, registry, registry_auth_file,
                                                           monkeypatch):
     base, _ = data_server
-    ws = tuning_workspace([f"{base}/alpaca.parquet", f"{base}/sharegpt.parquet"], config="c")
+    signed = "?sv=2030&sig=PLANTEDTOKEN%3D"  # a SAS-style signed URL: the token must end up nowhere
+    ws = tuning_workspace([f"{base}/alpaca.parquet{signed}", f"{base}/sharegpt.parquet{signed}"], config="c")
     ws["tuning"]["output"] = {"image": f"{registry.host}/adapters/job:1", "imagePushSecret": "push"}
     job_env["set"](ws, training_configmap(training={"max_steps": 2}))
 
@@ -54,7 +56,7 @@ def test_download_train_push_and_retry_without_retraining(job_env, data_server, 
     monkeypatch.setenv("KAITO_PUSH_AUTH_FILE", str(job_env["results"] / "no-such-file"))
     monkeypatch.setenv("KAITO_PLAIN_HTTP", "1")
     rc = main(["job", "push"])
-    assert rc in (EXIT_USER_ERROR, EXIT_TRANSIENT)
+    assert rc == EXIT_USER_ERROR
     assert job_env["log"].read_text().startswith("RegistryAuthFailed: ")
     assert (job_env["results"] / "adapter_config.json").is_file()
 
@@ -66,6 +68,18 @@ def test_download_train_push_and_retry_without_retraining(job_env, data_server, 
     assert main(["job", "push"]) == 0
     pushed = json.loads(job_env["log"].read_text())
     assert pushed["image"] == f"{registry.host}/adapters/job:1" and pushed["digest"].startswith("sha256:")
+
+    # nothing written, recorded or pushed carries the signed URL's token
+    from kaito_tuning.artifacts import pull_adapter
+    pulled = pull_adapter(pushed["image"], job_env["log"].parent / "pulled", auth_file=registry_auth_file,
+                          plain_http=True)
+    assert pulled.digest == pushed["digest"]
+    for root in (job_env["data"], job_env["results"], job_env["log"].parent / "pulled"):
+        for f in root.rglob("*"):
+            if f.is_file():
+                assert b"PLANTEDTOKEN" not in f.read_bytes(), f
+    meta = json.loads((job_env["results"] / "training_metadata.json").read_text())
+    assert {d["url"] for d in meta["datasets"]} == {f"{base}/alpaca.parquet", f"{base}/sharegpt.parquet"}
 
 
 def test_download_failure_goes_to_the_termination_log(job_env, bad_server, monkeypatch):
@@ -90,6 +104,16 @@ def test_push_without_an_adapter(job_env):
     job_env["set"](ws)
     assert main(["job", "push"]) == EXIT_USER_ERROR
     assert job_env["log"].read_text().startswith("NoAdapter: output: ")
+
+
+def test_the_job_refuses_private_urls_unless_allowed(job_env, data_server, monkeypatch):
+    base, _ = data_server
+    monkeypatch.delenv("KAITO_ALLOW_PRIVATE_URLS")
+    job_env["set"](tuning_workspace([f"{base}/chat.parquet?sig=PLANTEDTOKEN"]))
+    assert main(["job", "download"]) == EXIT_USER_ERROR
+    line = job_env["log"].read_text()
+    assert line.startswith("URLNotAllowed: tuning.input.urls[0]: ") and "loopback" in line
+    assert "PLANTEDTOKEN" not in line and not list(job_env["data"].iterdir())
 
 
 def test_missing_workspace_env(job_env, monkeypatch):

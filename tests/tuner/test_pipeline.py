@@ -12,7 +12,7 @@ import yaml
 from fixtures_data import training_configmap, tuning_workspace
 
 from kaito_tuning.errors import EXIT_USER_ERROR, UserError, ValidationError
-from kaito_tuning.tuner.pipeline import load_spec, run
+from kaito_tuning.tuner.local import input_dir, load_spec, run_local
 
 
 def test_several_urls_to_a_pushed_adapter(data_server, tiny_phi3, tmp_path, registry, registry_auth_file):
@@ -24,8 +24,9 @@ def test_several_urls_to_a_pushed_adapter(data_server, tiny_phi3, tmp_path, regi
     ws = tuning_workspace([f"{base}/chat.parquet", f"{base}/chat.jsonl", f"{base}/alpaca.parquet"],
                           config="tiny-config")
     ws["tuning"]["output"] = {"image": f"{registry.host}/adapters/tiny:1", "imagePushSecret": "push"}
-    result = run([ws, training_configmap()], output_dir=str(tmp_path / "out"), max_steps=3,
-                 model_dir=str(tiny_phi3), auth_file=registry_auth_file, plain_http=True, progress=False)
+    result = run_local([ws, training_configmap()], output_dir=str(tmp_path / "out"), max_steps=3,
+                       model_dir=str(tiny_phi3), push_auth=registry_auth_file, plain_http=True,
+                       allow_private_urls=True, show_progress=False)
     assert result.steps == 3 and result.image == f"{registry.host}/adapters/tiny:1"
     assert result.digest.startswith("sha256:") and result.eval_loss is not None
     meta = json.loads((tmp_path / "out" / "training_metadata.json").read_text())
@@ -54,7 +55,7 @@ def test_killed_run_resumes_from_its_checkpoint(data_server, tiny_phi3, tmp_path
                            dataset={"train_test_split": 1.0})]))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "kaito_tuning.cli", "run", str(spec), "--output-dir", str(out),
-           "--model-dir", str(tiny_phi3), "--max-steps", "40", "--no-progress"]
+           "--model-dir", str(tiny_phi3), "--max-steps", "40", "--no-progress", "--allow-private-urls"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -91,16 +92,15 @@ def test_cli_reports_bad_input_in_one_line(data_server, tmp_path):
     base, _ = data_server
     spec = tmp_path / "ws.yaml"
     spec.write_text(yaml.safe_dump(tuning_workspace([f"{base}/nocols.parquet"])))
-    rc = main(["run", str(spec), "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    rc = main(["run", str(spec), "--output-dir", str(tmp_path / "out"), "--no-progress", "--allow-private-urls"])
     assert rc == EXIT_USER_ERROR
     assert not (tmp_path / "out" / "adapter_config.json").exists()
     assert json.loads((tmp_path / "out" / "progress.json").read_text())["phase"] == "failed"
 
 
 def test_hostpath_input(datasets_dir, tmp_path):
-    from kaito_tuning.tuner.pipeline import fetch_input
     ws, _ = load_spec([tuning_workspace(volume={"hostPath": {"path": str(datasets_dir["messages"].parent)}})])
-    assert fetch_input(ws, tmp_path) == datasets_dir["messages"].parent
+    assert input_dir(ws, tmp_path) == datasets_dir["messages"].parent
     ws, _ = load_spec([tuning_workspace(volume={"persistentVolumeClaim": {"claimName": "x"}})])
     with pytest.raises(UserError, match="persistentVolumeClaim volume cannot be read outside Kubernetes"):
-        fetch_input(ws, tmp_path)
+        input_dir(ws, tmp_path)

@@ -10,12 +10,10 @@ from kaito_tuning.errors import EXIT_USER_ERROR
 from kaito_tuning.spec.training_config import load_config
 from kaito_tuning.tuner.formats import prepare
 from kaito_tuning.tuner.inputs import collect_dir
+from kaito_tuning.tuner.outputs import completed_adapter
 from kaito_tuning.tuner.recipe import (
     choose_loss_mask,
-    completed_adapter,
     lora_arguments,
-    newest_checkpoint,
-    publish,
     train,
     training_arguments,
 )
@@ -113,19 +111,6 @@ def test_failed_run_leaves_no_adapter_that_looks_complete(tiny_llama, datasets_d
     assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
 
 
-def test_publish_moves_adapter_config_last(tmp_path, monkeypatch):
-    import os
-    stage, out = tmp_path / "stage", tmp_path / "out"
-    stage.mkdir(), out.mkdir()
-    for f in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
-        (stage / f).write_text(f)
-    order = []
-    real = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (order.append(os.path.basename(b)), real(a, b)))
-    publish(stage, out)
-    assert order[-1] == "adapter_config.json" and not stage.exists()
-
-
 def test_chat_template_without_generation_markers_trains_on_last_turn(tiny_llama, tmp_path):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -173,18 +158,6 @@ def test_lora_arguments():
     assert lora_arguments((), {})["target_modules"] == "all-linear"
     assert lora_arguments((), {"target_modules": ".*proj"})["target_modules"] == ".*proj"  # a regex stays
     LoraConfig(**kaito)
-
-
-def test_newest_checkpoint_skips_incomplete(tmp_path):
-    for step, complete in ((5, True), (10, True), (15, False)):
-        d = tmp_path / f"checkpoint-{step}"
-        d.mkdir()
-        (d / "adapter_model.safetensors").write_bytes(b"x")
-        if complete:
-            (d / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-        else:
-            (d / "trainer_state.json").write_text('{"global_st')  # killed while writing
-    assert newest_checkpoint(tmp_path).name == "checkpoint-10"
 
 
 @pytest.mark.slow
