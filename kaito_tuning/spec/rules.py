@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from kaito_tuning.artifacts import reference as imageref
 from kaito_tuning.errors import Problem, ValidationError
+from kaito_tuning.spec.files import bounded, short
 from kaito_tuning.spec.instances import UnknownInstanceType, fitting, get_instance_type
 from kaito_tuning.spec.presets import METHODS, UnknownPreset, get_preset
 from kaito_tuning.spec.workspace import (
@@ -34,14 +35,14 @@ _METADATA_HOSTS = {"metadata.google.internal", "metadata.google", "instance-data
 
 def dns_label_problem(value: str, path: str, max_len: int = 63) -> Problem | None:
     if not value or len(value) > max_len or not _DNS_LABEL.match(value):
-        return Problem(path, f"{value!r} is not a valid name: use at most {max_len} lowercase letters, digits "
+        return Problem(path, f"{short(value)} is not a valid name: use at most {max_len} lowercase letters, digits "
                              "and '-', starting and ending with a letter or digit")
     return None
 
 
 def dns_subdomain_problem(value: str, path: str) -> Problem | None:
     if not value or len(value) > 253 or not _DNS_SUBDOMAIN.match(value):
-        return Problem(path, f"{value!r} is not a valid Kubernetes object name: lowercase letters, digits, "
+        return Problem(path, f"{short(value)} is not a valid Kubernetes object name: lowercase letters, digits, "
                              "'-' and '.', starting and ending with a letter or digit")
     return None
 
@@ -54,20 +55,49 @@ def image_problem(ref: str, path: str, *, require_tag: bool = False) -> Problem 
     return None
 
 
-def validate_workspace(ws: Workspace, *, allow_private_urls: bool = True) -> list[Problem]:
-    """All semantic problems of a parsed Workspace (structure was checked by the parser)."""
+#: volume types a workspace may mount (issue 11): input (and adapters) and output. configMap is input only.
+INPUT_VOLUME_TYPES = ("persistentVolumeClaim", "emptyDir", "csi", "nfs", "azureFile", "configMap")
+OUTPUT_VOLUME_TYPES = ("persistentVolumeClaim", "emptyDir", "csi", "nfs", "azureFile")
+#: what ``local=True`` (``kaito-tuning run`` on this machine) adds: a directory of this machine
+LOCAL_VOLUME_TYPES = ("hostPath",)
+_REQUIRED_KEYS = {"persistentVolumeClaim": ("claimName",), "configMap": ("name",), "nfs": ("server", "path"),
+                  "csi": ("driver",), "azureFile": ("secretName", "shareName"), "hostPath": ("path",)}
+
+
+def validate_workspace(ws: Workspace, *, allow_private_urls: bool = True, volume_types: tuple[str, ...] | None = None,
+                       local: bool = False) -> list[Problem]:
+    """All semantic problems of a parsed Workspace (structure was checked by the parser).
+
+    ``volume_types``: the volume types input and output may use (default INPUT_VOLUME_TYPES, and
+    OUTPUT_VOLUME_TYPES for output; configMap is never an output). ``local``: also allow hostPath,
+    for runs on this machine (``kaito-tuning run``), never in a cluster.
+    """
+    inputs = tuple(volume_types) if volume_types is not None else INPUT_VOLUME_TYPES
+    outputs = tuple(t for t in inputs if t != "configMap") if volume_types is not None else OUTPUT_VOLUME_TYPES
+    if local:
+        inputs, outputs = inputs + LOCAL_VOLUME_TYPES, outputs + LOCAL_VOLUME_TYPES
+    return bounded(_validate_workspace(ws, allow_private_urls, inputs, outputs))
+
+
+def _validate_workspace(ws: Workspace, allow_private_urls: bool, inputs: tuple, outputs: tuple) -> list[Problem]:
     p: list[Problem] = []
     if ws.api_version is not None:
         group, _, version = ws.api_version.partition("/")
         if group != GROUP or version not in VERSIONS:
-            p.append(Problem("apiVersion", f"must be {GROUP}/v1alpha1 or {GROUP}/v1beta1, got {ws.api_version!r}"))
+            p.append(Problem("apiVersion", f"must be {GROUP}/v1alpha1 or {GROUP}/v1beta1, got {short(ws.api_version)}"))
     if ws.kind is not None and ws.kind != KIND:
-        p.append(Problem("kind", f"must be {KIND}, got {ws.kind!r}"))
+        p.append(Problem("kind", f"must be {KIND}, got {short(ws.kind)}"))
     name = (ws.metadata or {}).get("name")
     if name is None:
         p.append(Problem("metadata.name", "is required"))
+    elif not isinstance(name, str):
+        p.append(Problem("metadata.name", f"must be a string, got {short(name)}"))
     elif (e := dns_label_problem(name, "metadata.name")):
         p.append(e)
+    namespace = (ws.metadata or {}).get("namespace")
+    if namespace is not None and (not isinstance(namespace, str) or dns_label_problem(namespace, "")):
+        p.append(Problem("metadata.namespace", f"{short(namespace)} is not a valid namespace name"))
+    p += _version_problems(ws)
     if ws.tuning is None and ws.inference is None:
         p.append(Problem("", "a workspace needs either tuning or inference; neither is set"))
     elif ws.tuning is not None and ws.inference is not None:
@@ -80,11 +110,60 @@ def validate_workspace(ws: Workspace, *, allow_private_urls: bool = True) -> lis
             p.append(Problem("resource.labelSelector", "must have matchLabels (the labels of the GPU nodes to use)"))
         for k, v in sel.match_labels.items():
             if len(v) > 63 or (v and not re.match(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$", v)):
-                p.append(Problem(f"resource.labelSelector.matchLabels.{k}", f"{v!r} is not a valid label value"))
+                p.append(Problem(f"resource.labelSelector.matchLabels.{k}", f"{short(v)} is not a valid label value"))
     if ws.tuning is not None:
         p += _validate_tuning(ws, allow_private_urls)
+        if ws.tuning.input is not None and ws.tuning.input.volume_source:
+            p += volume_problems(ws.tuning.input.volume_source, "tuning.input.volumeSource", inputs)
+        if ws.tuning.output is not None and ws.tuning.output.volume_source:
+            p += volume_problems(ws.tuning.output.volume_source, "tuning.output.volumeSource", outputs)
     if ws.inference is not None:
         p += _validate_inference(ws)
+        for i, a in enumerate(ws.inference.adapters):
+            if a.source is not None and a.source.volume_source:
+                p += volume_problems(a.source.volume_source, f"inference.adapters[{i}].source.volumeSource", inputs)
+    return p
+
+
+def volume_problems(source: dict, path: str, allowed: tuple[str, ...]) -> list[Problem]:
+    """Problems of a VolumeSource: exactly one volume type, one of ``allowed``, with its required keys."""
+    kinds = list(source)
+    allowed_text = ", ".join(allowed)
+    if len(kinds) != 1:
+        shown = ", ".join(short(k, 40) for k in kinds[:5])
+        return [Problem(path, f"must name exactly one volume type ({allowed_text}); it names {len(kinds)}"
+                              + (f": {shown}" if kinds else ""))]
+    kind, body = kinds[0], source[kinds[0]]
+    if kind not in allowed:
+        return [Problem(f"{path}.{short(kind, 40) if not isinstance(kind, str) else kind[:40]}",
+                        f"volume type is not allowed here; allowed: {allowed_text}")]
+    if body is None and kind == "emptyDir":
+        return []
+    if not isinstance(body, dict):
+        return [Problem(f"{path}.{kind}", f"must be a mapping, got {short(body)}")]
+    return [Problem(f"{path}.{kind}.{key}", "is required") for key in _REQUIRED_KEYS.get(kind, ())
+            if not isinstance(body.get(key), str) or not body.get(key)]
+
+
+def _version_problems(ws: Workspace) -> list[Problem]:
+    """Fields Kaito has only in v1beta1, and the Kaito fields this operator does not implement."""
+    p: list[Problem] = []
+    v1alpha1 = ws.version == "v1alpha1"
+    if ws.resource is not None and ws.resource.partition is not None:
+        if v1alpha1:
+            p.append(Problem("resource.partition", "exists only in kaito.sh/v1beta1"))
+        elif ws.tuning is not None:
+            p.append(Problem("resource.partition", "GPU partitioning is not supported for tuning; remove partition"))
+        else:
+            p.append(Problem("resource.partition", "GPU partitioning is not supported by this operator; "
+                                                   "serve on whole GPUs (remove partition)"))
+    for part, where in ((ws.tuning, "tuning"), (ws.inference, "inference")):
+        opts = (part.preset.preset_options or {}) if part is not None and part.preset is not None else {}
+        if v1alpha1 and "modelAccessSecret" in opts:
+            p.append(Problem(f"{where}.preset.presetOptions.modelAccessSecret", "exists only in kaito.sh/v1beta1"))
+    if ws.inference is not None and ws.inference.template is not None:
+        p.append(Problem("inference.template", "custom pod templates are not supported by this operator; "
+                                               "remove template and set preset.name"))
     return p
 
 
@@ -93,7 +172,7 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
     t = ws.tuning
     method = t.method
     if method is not None and method not in METHODS:
-        p.append(Problem("tuning.method", f"{method!r} is not supported: use lora or qlora"))
+        p.append(Problem("tuning.method", f"{short(method)} is not supported: use lora or qlora"))
         method = None
     preset = None
     if t.preset is not None and t.preset.name:
@@ -103,11 +182,11 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
             p.append(Problem("tuning.preset.name", str(e)))
         else:
             if not preset.methods:
-                p.append(Problem("tuning.preset.name", f"preset {preset.name!r} does not support tuning; "
+                p.append(Problem("tuning.preset.name", f"preset {short(preset.name)} does not support tuning; "
                                                        "`kaito-tuning presets` lists the tunable ones"))
                 preset = None
             elif method and not preset.supports(method):
-                p.append(Problem("tuning.method", f"preset {preset.name!r} cannot be tuned with {method}; "
+                p.append(Problem("tuning.method", f"preset {short(preset.name)} cannot be tuned with {method}; "
                                                   f"it supports {', '.join(preset.methods)}"))
     if ws.resource is not None:
         r = ws.resource
@@ -176,8 +255,7 @@ def _validate_output(dst: DataDestination, path: str) -> list[Problem]:
         if not dst.image_push_secret:
             p.append(Problem(f"{path}.imagePushSecret",
                              "is required with image: name a kubernetes.io/dockerconfigjson secret that can push to it"))
-    if dst.image_push_secret and not dst.image:
-        p.append(Problem(f"{path}.imagePushSecret", "is only used with image; set image or remove imagePushSecret"))
+    # imagePushSecret next to volumeSource is accepted (Kaito accepts it) and not used
     # The secret's name is not checked against the name grammar: Kaito's quick start uses the placeholder
     # ACR_REGISTRY_SECRET_HERE, which must be accepted as written. The operator reports a secret that
     # does not exist (or is of the wrong type) in the workspace status.
@@ -192,21 +270,21 @@ def url_problem(url: str, *, allow_private: bool = True) -> str | None:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        return f"{url!r} is not a valid URL ({e})"
+        return f"{short(url)} is not a valid URL ({e})"
     if parts.scheme not in ("http", "https"):
         if not parts.scheme:
-            return f"{url!r} is not a URL: write it as https://host/path"
-        return f"{url!r} uses {parts.scheme!r}; only http and https URLs are supported"
+            return f"{short(url)} is not a URL: write it as https://host/path"
+        return f"{short(url)} uses {short(parts.scheme)}; only http and https URLs are supported"
     if any(c.isspace() for c in url):
-        return f"{url!r} contains white space; percent-encode it (%20)"
+        return f"{short(url)} contains white space; percent-encode it (%20)"
     if not parts.hostname:
-        return f"{url!r} has no host"
+        return f"{short(url)} has no host"
     if parts.username is not None or parts.password is not None:
         return ("must not carry credentials (user:password@); they would be stored in the workspace in clear "
                 "text. Serve the file from a URL that needs none, or use tuning.input.image with imagePullSecrets")
     del port
     if not allow_private and (why := private_target(parts.hostname)):
-        return f"{url!r} targets {why}; this operator refuses private, loopback and metadata addresses"
+        return f"{short(url)} targets {why}; this operator refuses private, loopback and metadata addresses"
     return None
 
 
@@ -214,7 +292,7 @@ def private_target(host: str) -> str | None:
     """Why ``host`` is private/loopback/link-local/metadata, or None. Resolves names."""
     h = host.strip("[]").lower()
     if h in _METADATA_HOSTS or h == "localhost" or h.endswith(".localhost"):
-        return f"the local or metadata host {h!r}"
+        return f"the local or metadata host {short(h)}"
     try:
         addrs = {ipaddress.ip_address(h)}
     except ValueError:
@@ -233,7 +311,8 @@ def _validate_inference(ws: Workspace) -> list[Problem]:
     p: list[Problem] = []
     inf = ws.inference
     if inf.preset is None or not inf.preset.name:
-        p.append(Problem("inference.preset.name", "is required"))
+        if inf.template is None:
+            p.append(Problem("inference.preset.name", "is required"))
     else:
         try:
             get_preset(inf.preset.name, purpose="inference")
@@ -253,7 +332,7 @@ def _validate_inference(ws: Workspace) -> list[Problem]:
             if (e := dns_label_problem(src.name, f"{path}.source.name", max_len=55)):
                 p.append(e)
             if src.name in seen:
-                p.append(Problem(f"{path}.source.name", f"two adapters are named {src.name!r}; names must be unique"))
+                p.append(Problem(f"{path}.source.name", f"two adapters are named {short(src.name)}; names must be unique"))
             seen.add(src.name)
         if src.urls:
             p.append(Problem(f"{path}.source.urls", "URLs are not supported as an adapter source; use image or volumeSource"))
@@ -272,9 +351,9 @@ def strength_problem(strength: str | None) -> str | None:
     try:
         v = float(strength)
     except (TypeError, ValueError):
-        return f'{strength!r} is not a number; use a value from "0.0" to "1.0"'
+        return f'{short(strength)} is not a number; use a value from "0.0" to "1.0"'
     if not 0.0 <= v <= 1.0:
-        return f'{strength!r} is out of range; use a value from "0.0" to "1.0"'
+        return f'{short(strength)} is out of range; use a value from "0.0" to "1.0"'
     return None
 
 
@@ -288,7 +367,7 @@ def validate_update(old: Workspace, new: Workspace) -> list[Problem]:
     ro, rn = old.resource, new.resource
     if ro and rn:
         if ro.instance_type != rn.instance_type and ro.instance_type:
-            p.append(Problem("resource.instanceType", f"is immutable (was {ro.instance_type!r})"))
+            p.append(Problem("resource.instanceType", f"is immutable (was {short(ro.instance_type)})"))
         if ro.count != rn.count:
             p.append(Problem("resource.count", f"is immutable (was {ro.count})"))
         if ro.label_selector != rn.label_selector:
@@ -296,19 +375,22 @@ def validate_update(old: Workspace, new: Workspace) -> list[Problem]:
     to, tn = old.tuning, new.tuning
     if to and tn:
         if (to.preset and to.preset.name) != (tn.preset and tn.preset.name):
-            p.append(Problem("tuning.preset.name", f"is immutable (was {to.preset and to.preset.name!r}); "
+            p.append(Problem("tuning.preset.name", f"is immutable (was {short(to.preset and to.preset.name)}); "
                                                    "create a new workspace to tune another model"))
         if (to.method or "").lower() != (tn.method or "").lower():
-            p.append(Problem("tuning.method", f"is immutable (was {to.method!r}); create a new workspace to change it"))
+            p.append(Problem("tuning.method", f"is immutable (was {short(to.method)}); create a new workspace to change it"))
         if to.input and tn.input and to.input.name != tn.input.name:
-            p.append(Problem("tuning.input.name", f"is immutable (was {to.input.name!r})"))
+            p.append(Problem("tuning.input.name", f"is immutable (was {short(to.input.name)})"))
     return p
 
 
-def load_workspace(obj: dict) -> Workspace:
-    """Parse and fully validate (structure and semantics); raise ValidationError listing every problem."""
+def load_workspace(obj: dict, *, local: bool = False) -> Workspace:
+    """Parse and fully validate (structure and semantics); raise ValidationError listing every problem.
+
+    ``local=True``: the workspace runs on this machine (``kaito-tuning run``), so hostPath volumes are allowed.
+    """
     ws, problems = parse_workspace(obj)
-    problems += validate_workspace(ws)
+    problems = bounded(problems + validate_workspace(ws, local=local))
     if problems:
         raise ValidationError(problems)
     return ws

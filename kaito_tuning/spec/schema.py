@@ -19,6 +19,7 @@ import typing
 from typing import Any
 
 from kaito_tuning.errors import Problem
+from kaito_tuning.spec.files import clip, short
 
 _SCHEMALESS = "x-kubernetes-preserve-unknown-fields"
 
@@ -26,15 +27,21 @@ _SCHEMALESS = "x-kubernetes-preserve-unknown-fields"
 def spec(doc: str, *, json: str | None = None, default: Any = dataclasses.MISSING, required: bool = False,
          enum: list | None = None, minimum: float | None = None, maximum: float | None = None,
          max_items: int | None = None, max_length: int | None = None, pattern: str | None = None,
-         schemaless: bool = False, schema_default: Any = None, cel: list[dict] | None = None) -> Any:
+         schemaless: bool = False, schema_default: Any = None, cel: list[dict] | None = None,
+         extra: dict | None = None, schema_type: type | None = None, check: bool = True,
+         versions: tuple[str, ...] | None = None) -> Any:
     """A dataclass field with its API description.
 
     ``default`` is the Python default (None for optional fields); ``schema_default`` is a default
-    the API server applies (written into the CRD).
+    the API server applies (written into the CRD). ``extra``: more schema keys (``format``).
+    ``schema_type``: a ``dict`` field kept as a plain mapping in Python whose schema (and, with
+    ``check``, whose parsing) is that of the dataclass given. ``versions``: the API versions that
+    have the field (default: all).
     """
     meta = {"doc": doc, "json": json, "required": required, "enum": enum, "minimum": minimum,
             "maximum": maximum, "max_items": max_items, "max_length": max_length, "pattern": pattern,
-            "schemaless": schemaless, "schema_default": schema_default, "cel": cel}
+            "schemaless": schemaless, "schema_default": schema_default, "cel": cel, "extra": extra,
+            "schema_type": schema_type, "check": check, "versions": versions}
     if default is dataclasses.MISSING:
         default = None
     if isinstance(default, (list, dict)):
@@ -61,24 +68,28 @@ def _unwrap_optional(tp: Any) -> Any:
 
 # ---------------------------------------------------------------- schema generation
 
-def openapi_schema(cls: type, overrides: dict | None = None) -> dict:
+def openapi_schema(cls: type, overrides: dict | None = None, version: str | None = None) -> dict:
     """The OpenAPI v3 schema of dataclass ``cls`` as apiextensions.k8s.io/v1 accepts it.
 
     ``overrides`` maps dotted JSON paths (``resource.instanceType``) to extra schema keys, for the
-    few places where API versions differ (v1alpha1 defaults ``instanceType``).
+    few places where API versions differ (v1alpha1 defaults ``instanceType``); fields declared for
+    some ``versions`` only are left out of the others.
     """
-    return _object_schema(cls, "", overrides or {})
+    return _object_schema(cls, "", overrides or {}, version)
 
 
-def _object_schema(cls: type, prefix: str, overrides: dict) -> dict:
+def _object_schema(cls: type, prefix: str, overrides: dict, version: str | None = None) -> dict:
     hints = typing.get_type_hints(cls)
     props, required = {}, []
     for f in dataclasses.fields(cls):
         if f.metadata.get("internal"):
             continue
+        if version and f.metadata.get("versions") and version not in f.metadata["versions"]:
+            continue
         name = json_name(f)
         path = f"{prefix}.{name}" if prefix else name
-        s = _type_schema(hints[f.name], f.metadata, path, overrides)
+        tp = f.metadata.get("schema_type") or hints[f.name]
+        s = _type_schema(tp, {**f.metadata, "version": version}, path, overrides)
         s = {"description": f.metadata["doc"], **s}
         m = f.metadata
         for key, out in (("enum", "enum"), ("minimum", "minimum"), ("maximum", "maximum"),
@@ -89,6 +100,8 @@ def _object_schema(cls: type, prefix: str, overrides: dict) -> dict:
             s["default"] = m["schema_default"]
         if m.get("cel"):
             s["x-kubernetes-validations"] = m["cel"]
+        if m.get("extra"):
+            s.update(m["extra"])
         s.update(overrides.get(path, {}))
         props[name] = s
         if m.get("required"):
@@ -106,15 +119,17 @@ def _type_schema(tp: Any, meta: dict, path: str, overrides: dict) -> dict:
     tp = _unwrap_optional(tp)
     if meta.get("schemaless"):
         return {"type": "object", _SCHEMALESS: True}
+    version = meta.get("version")
     if dataclasses.is_dataclass(tp):
-        return _object_schema(tp, path, overrides)
+        return _object_schema(tp, path, overrides, version)
     origin = typing.get_origin(tp)
     if origin is list:
         (item,) = typing.get_args(tp)
-        return {"type": "array", "items": _type_schema(item, {}, path + "[]", overrides)}
+        return {"type": "array", "items": _type_schema(item, {"version": version}, path + "[]", overrides)}
     if origin is dict:
         _, value = typing.get_args(tp)
-        return {"type": "object", "additionalProperties": _type_schema(value, {}, path + "{}", overrides)}
+        return {"type": "object",
+                "additionalProperties": _type_schema(value, {"version": version}, path + "{}", overrides)}
     return {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
             bool: {"type": "boolean"}}[tp]
 
@@ -134,10 +149,11 @@ def from_json(cls: type, obj: Any, path: str, problems: list[Problem]) -> Any:
     by_json = {json_name(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     kwargs = {}
     for key, value in obj.items():
-        sub = f"{path}.{key}" if path else str(key)
-        f = by_json.get(key)
+        label = clip(key, 60) if isinstance(key, str) else short(key, 60)
+        sub = f"{path}.{label}" if path else label
+        f = by_json.get(key) if isinstance(key, str) else None
         if f is None:
-            close = [k for k in by_json if k.lower() == str(key).lower()]
+            close = [k for k in by_json if k.lower() == label.lower()]
             hint = f" (did you mean {close[0]!r}?)" if close else f"; known fields: {', '.join(sorted(by_json))}"
             problems.append(Problem(sub, f"unknown field{hint}"))
             continue
@@ -162,6 +178,13 @@ def _kind(v: Any) -> str:
 
 def _value(tp: Any, meta: dict, value: Any, path: str, problems: list[Problem]) -> Any:
     tp = _unwrap_optional(tp)
+    if meta.get("schema_type") is not None:
+        if not isinstance(value, dict):
+            problems.append(Problem(path, f"must be a mapping, got {_kind(value)}"))
+            return _BAD
+        if meta.get("check"):
+            return to_json(from_json(meta["schema_type"], value, path, problems))
+        return value
     if meta.get("schemaless"):
         if not isinstance(value, dict):
             problems.append(Problem(path, f"must be a mapping, got {_kind(value)}"))
@@ -182,7 +205,12 @@ def _value(tp: Any, meta: dict, value: Any, path: str, problems: list[Problem]) 
             problems.append(Problem(path, f"must be a mapping, got {_kind(value)}"))
             return _BAD
         _, vt = typing.get_args(tp)
-        out = {str(k): _value(vt, {}, v, f"{path}.{k}", problems) for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                problems.append(Problem(f"{path}.{short(k, 60)}", f"keys must be strings, got {_kind(k)}"))
+                continue
+            out[k] = _value(vt, {}, v, f"{path}.{clip(k, 60)}", problems)
         return {k: v for k, v in out.items() if v is not _BAD}
     ok = {str: isinstance(value, str),
           int: isinstance(value, int) and not isinstance(value, bool),
@@ -190,10 +218,10 @@ def _value(tp: Any, meta: dict, value: Any, path: str, problems: list[Problem]) 
           bool: isinstance(value, bool)}[tp]
     if not ok:
         want = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}[tp]
-        problems.append(Problem(path, f"must be {want}, got {_kind(value)} {value!r}"))
+        problems.append(Problem(path, f"must be {want}, got {_kind(value)} {short(value)}"))
         return _BAD
     if meta.get("enum") and value not in meta["enum"]:
-        problems.append(Problem(path, f"must be one of {', '.join(map(str, meta['enum']))}, got {value!r}"))
+        problems.append(Problem(path, f"must be one of {', '.join(map(str, meta['enum']))}, got {short(value)}"))
         return _BAD
     return value
 

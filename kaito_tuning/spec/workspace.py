@@ -40,6 +40,14 @@ class LabelSelector:
 
 
 @dataclass
+class GPUPartition:
+    mode: str = spec("GPU partitioning technology: mig (NVIDIA Multi-Instance GPU) or accelerator (whole GPUs).",
+                     required=True, enum=["mig", "accelerator"])
+    profile: str | None = spec("The partition profile for mig, e.g. 1g.10gb.")
+    count: int | None = spec("Whole GPUs to allocate (accelerator mode only).", minimum=1)
+
+
+@dataclass
 class ResourceSpec:
     instance_type: str | None = spec(
         "GPU instance type the workload runs on, e.g. Standard_NC24ads_A100_v4 or g5.xlarge. "
@@ -50,6 +58,18 @@ class ResourceSpec:
         required=True)
     preferred_nodes: list[str] = spec("Existing nodes to prefer when provisioning (deprecated in v1beta1).",
                                       default=[])
+    partition: GPUPartition | None = spec(
+        "GPU partitioning (v1beta1; Kaito's MIG feature). Accepted by the schema; this operator refuses it "
+        "(tuning never uses partitions, and serving runs on whole GPUs).", versions=("v1beta1",))
+
+
+@dataclass
+class PresetOptions:
+    image: str | None = spec("Kaito's model image (deprecated in v1beta1); accepted and not used.")
+    image_pull_secrets: list[str] = spec("Secrets to pull `image` with (deprecated in v1beta1); accepted and not used.",
+                                         default=[])
+    model_access_secret: str | None = spec(
+        "Name of a secret with key HF_TOKEN, used to download gated models (v1beta1).", versions=("v1beta1",))
 
 
 @dataclass
@@ -57,10 +77,10 @@ class PresetSpec:
     name: str = spec("Preset model name, e.g. phi-3-mini-128k-instruct (or its Hugging Face id). "
                      "`kaito-tuning presets` lists them.", required=True)
     access_mode: str | None = spec("public or private (kept for Kaito compatibility; weights come from the preset's source).",
-                                   enum=["public", "private"])
+                                   enum=["public", "private"], schema_default="public")
     preset_options: dict | None = spec(
-        "Kaito's presetOptions (image, imagePullSecrets, modelAccessSecret): modelAccessSecret names a "
-        "secret with key HF_TOKEN for gated models; the others are accepted and ignored.", schemaless=True)
+        "Kaito's presetOptions: modelAccessSecret names a secret with key HF_TOKEN for gated models; "
+        "image and imagePullSecrets are accepted and not used.", schema_type=PresetOptions)
 
 
 @dataclass
@@ -90,7 +110,6 @@ _INPUT_CEL = [{"rule": "[has(self.urls) && size(self.urls) > 0, has(self.image),
 _OUTPUT_CEL = [
     {"rule": "has(self.image) != has(self.volumeSource)", "message": "exactly one of image or volumeSource must be set"},
     {"rule": "!has(self.image) || has(self.imagePushSecret)", "message": "imagePushSecret is required with image"},
-    {"rule": "!has(self.imagePushSecret) || has(self.image)", "message": "imagePushSecret is only used with image"},
 ]
 
 
@@ -118,6 +137,52 @@ class InferenceSpec:
     preset: PresetSpec | None = spec("The base model to serve.")
     adapters: list[AdapterSpec] = spec("LoRA adapters to attach (at most 10).", default=[], max_items=MAX_ADAPTERS)
     config: str | None = spec("Name of a ConfigMap with inference parameters.")
+    template: dict | None = spec(
+        "Kaito's custom pod template (instead of preset). Accepted by the schema; this operator serves presets "
+        "only and refuses it.", schemaless=True)
+
+
+@dataclass
+class Condition:
+    type: str = spec("Condition type: ResourceReady, JobStarted, WorkspaceSucceeded, InferenceReady, ...",
+                     required=True, max_length=316)
+    status: str = spec("True, False or Unknown.", required=True, enum=["True", "False", "Unknown"])
+    observed_generation: int | None = spec("The metadata.generation the condition was computed from.", minimum=0,
+                                           extra={"format": "int64"})
+    last_transition_time: str = spec("When the status last changed.", required=True,
+                                     extra={"format": "date-time"})
+    reason: str = spec("CamelCase reason, e.g. InvalidSpec, OutOfMemory, Succeeded.", required=True,
+                       max_length=1024)
+    message: str = spec("What happened, for people.", required=True)
+
+
+@dataclass
+class Metric:
+    description: str = spec("Benchmark type and load pattern.", required=True)
+    value: str = spec("The measured value.", required=True)
+    unit: str | None = spec("Unit of the value.")
+    config: dict[str, str] = spec("Benchmark parameters.", default={})
+
+
+@dataclass
+class Performance:
+    metrics: dict[str, Metric] = spec("Kaito's inference benchmark metrics by name (not written by this operator).",
+                                      default={})
+
+
+@dataclass
+class WorkspaceStatus:
+    worker_nodes: list[str] = spec("Nodes the workload runs on.", default=[])
+    conditions: list[Condition] = spec("Conditions of the workspace (Kaito's types, plus NodeClaimReady).",
+                                       default=[])
+    state: str | None = spec("Pending, Running, Succeeded or Failed (tuning); Ready or NotReady (inference).")
+    target_node_count: int | None = spec("Nodes the workspace needs.", extra={"format": "int32"})
+    performance: Performance | None = spec("Kaito's inference benchmark results (kept when present).")
+    tuning: dict | None = spec(
+        "This operator's tuning run (not in Kaito): revision, jobName, specHash, startedAt, finishedAt, "
+        "progress {step, totalSteps, epoch, loss, evalLoss, etaSeconds}, output {image, digest | volume}, "
+        "failure and lastAttemptFailure {reason, message, container, exitCode}, note.", schemaless=True)
+    inference: dict | None = spec("This operator's serving details (not in Kaito).", schemaless=True)
 
 
 @dataclass
@@ -127,7 +192,8 @@ class Workspace:
     resource: ResourceSpec | None = spec("The GPU nodes the workspace runs on.")
     inference: InferenceSpec | None = spec("Serve a preset model, optionally with adapters. Exclusive with tuning.")
     tuning: TuningSpec | None = spec("Fine-tune a preset model with LoRA or QLoRA. Exclusive with inference.")
-    status: dict | None = spec("Observed state, written by the operator.", schemaless=True)
+    status: dict | None = spec("Observed state, written by the operator (not checked when a file is validated).",
+                               schema_type=WorkspaceStatus, check=False)
     metadata: dict | None = spec("Standard object metadata.", schemaless=True)
 
     @property
@@ -157,10 +223,8 @@ def crd_schema(version: str) -> dict:
     overrides = {}
     if version == "v1alpha1":
         overrides["resource.instanceType"] = {"default": V1ALPHA1_DEFAULT_INSTANCE_TYPE}
-    s = openapi_schema(Workspace, overrides)
+    s = openapi_schema(Workspace, overrides, version)
     s["properties"]["metadata"] = {"type": "object"}
-    s["properties"]["status"] = {"description": s["properties"]["status"]["description"],
-                                 "type": "object", "x-kubernetes-preserve-unknown-fields": True}
     s["required"] = ["resource"]
     s["x-kubernetes-validations"] = _ROOT_CEL
     s["description"] = ("Workspace: GPU nodes plus either an inference service or a tuning run "
@@ -181,6 +245,9 @@ def apply_defaults(ws: Workspace) -> None:
         ws.resource.instance_type = V1ALPHA1_DEFAULT_INSTANCE_TYPE
     if ws.tuning and ws.tuning.method:
         ws.tuning.method = ws.tuning.method.strip().lower()
+    for part in (ws.tuning, ws.inference):
+        if part is not None and part.preset is not None and part.preset.access_mode is None:
+            part.preset.access_mode = "public"  # the CRD's default, also for files that never met the API server
     if ws.inference:
         for a in ws.inference.adapters:
             if a.strength is None:

@@ -73,3 +73,24 @@ def test_both_tuning_and_inference(tmp_path):
     f.write_text(text + "inference:\n  preset:\n    name: phi-3-mini-128k-instruct\n")
     rc, out, _ = validate(f)
     assert rc == 1 and "either tuning or inference, not both" in out
+
+
+SHAPES = Path(__file__).parent / "kaito_shapes"
+
+
+@pytest.mark.parametrize("name", ["workspace_tuning_pvc_volumes.yaml", "configmap_qlora_kaito_keys.yaml",
+                                  "workspace_v1beta1_full.yaml"])
+def test_kaito_shaped_files_validate(name):
+    rc, out, err = validate(SHAPES / name)
+    assert (rc, out) == (0, ""), out + err
+
+
+def test_other_kinds_are_checked_against_the_kubernetes_schema(tmp_path):
+    text = (SHAPES / "workspace_tuning_pvc_volumes.yaml").read_text()
+    f = tmp_path / "ws.yaml"
+    f.write_text(text.replace("accessModes: [ReadWriteMany]", "accessModes: [ReadWriteMany]\n  volumeMode: 7", 1))
+    rc, out, _ = validate(f)
+    assert rc == 1 and "PersistentVolumeClaim training-data-claim: spec.volumeMode: " in out, out
+    assert "neither a Workspace nor a ConfigMap" not in out
+    f.write_text(text + "---\napiVersion: example.com/v1\nkind: Widget\nmetadata:\n  name: w\nspec: {x: 1}\n")
+    assert validate(f)[:2] == (0, "")  # a kind Kubernetes' schema does not know is passed over

@@ -70,6 +70,9 @@ def _dataclass_paths(cls, prefix=""):
         if typing.get_origin(inner) is list:
             inner = typing.get_args(inner)[0]
             path += "[]"
+        inner = f.metadata.get("schema_type") or inner
+        if typing.get_origin(inner) is dict and dataclasses.is_dataclass(typing.get_args(inner)[1]):
+            continue  # a map of objects: the schema puts those under additionalProperties
         if dataclasses.is_dataclass(inner) and not f.metadata.get("schemaless"):
             yield from _dataclass_paths(inner, path)
 
@@ -102,3 +105,89 @@ def test_schema_rejects_a_wrong_type():
     doc["resource"]["count"] = "one"
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(doc, api.crd_schema("v1alpha1"))
+
+
+# Field paths of Kaito's Workspace CRD (charts/kaito/workspace/templates/kaito.sh_workspaces.yaml, v0.12.0)
+_COMMON = """apiVersion kind metadata resource resource.count resource.instanceType resource.labelSelector
+resource.labelSelector.matchExpressions resource.labelSelector.matchExpressions[].key
+resource.labelSelector.matchExpressions[].operator resource.labelSelector.matchExpressions[].values
+resource.labelSelector.matchLabels resource.preferredNodes inference inference.adapters inference.adapters[].source
+inference.adapters[].source.image inference.adapters[].source.imagePullSecrets inference.adapters[].source.name
+inference.adapters[].source.urls inference.adapters[].source.volumeSource inference.adapters[].strength
+inference.config inference.preset inference.preset.accessMode inference.preset.name inference.preset.presetOptions
+inference.preset.presetOptions.image inference.preset.presetOptions.imagePullSecrets inference.template
+tuning tuning.config tuning.input tuning.input.image tuning.input.imagePullSecrets tuning.input.name tuning.input.urls
+tuning.input.volumeSource tuning.method tuning.output tuning.output.image tuning.output.imagePushSecret
+tuning.output.volumeSource tuning.preset tuning.preset.accessMode tuning.preset.name tuning.preset.presetOptions
+tuning.preset.presetOptions.image tuning.preset.presetOptions.imagePullSecrets status status.conditions
+status.conditions[].lastTransitionTime status.conditions[].message status.conditions[].observedGeneration
+status.conditions[].reason status.conditions[].status status.conditions[].type status.workerNodes""".split()
+KAITO_FIELDS = {
+    "v1alpha1": set(_COMMON),
+    "v1beta1": set(_COMMON) | {"inference.preset.presetOptions.modelAccessSecret", "resource.partition",
+                               "resource.partition.count", "resource.partition.mode", "resource.partition.profile",
+                               "status.performance", "status.performance.metrics", "status.state",
+                               "status.targetNodeCount", "tuning.preset.presetOptions.modelAccessSecret"},
+}
+V1BETA1_ONLY = {"resource.partition", "tuning.preset.presetOptions.modelAccessSecret",
+                "inference.preset.presetOptions.modelAccessSecret"}
+
+
+@pytest.mark.parametrize("version", api.VERSIONS)
+def test_crd_carries_every_field_of_kaitos_crd(version):
+    ours = {p for p, _ in _walk(api.crd_schema(version)) if p}
+    assert KAITO_FIELDS[version] - ours == set()
+    if version == "v1alpha1":
+        assert not any(p.startswith(tuple(V1BETA1_ONLY)) for p in ours)
+
+
+def test_kaito_defaults_and_types():
+    for version in api.VERSIONS:
+        props = api.crd_schema(version)["properties"]
+        assert props["tuning"]["properties"]["preset"]["properties"]["accessMode"]["default"] == "public"
+        assert props["inference"]["properties"]["template"]["x-kubernetes-preserve-unknown-fields"] is True
+        cond = props["status"]["properties"]["conditions"]["items"]
+        assert set(cond["required"]) == {"type", "status", "lastTransitionTime", "reason", "message"}
+    part = api.crd_schema("v1beta1")["properties"]["resource"]["properties"]["partition"]
+    assert part["required"] == ["mode"] and part["properties"]["mode"]["enum"] == ["mig", "accelerator"]
+
+
+def _prune(obj, schema):
+    """What an API server keeps of ``obj`` under a structural ``schema`` (unknown fields dropped)."""
+    if isinstance(obj, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields") and "properties" not in schema:
+            return obj
+        if "additionalProperties" in schema:
+            return {k: _prune(v, schema["additionalProperties"]) for k, v in obj.items()}
+        props = schema.get("properties", {})
+        return {k: _prune(v, props[k]) for k, v in obj.items() if k in props}
+    if isinstance(obj, list):
+        return [_prune(v, schema.get("items", {})) for v in obj]
+    return obj
+
+
+def _statuses():
+    from kaito_tuning.controller import status as st
+
+    job = {"metadata": {"name": "ws"}, "spec": {"backoffLimit": 2},
+           "status": {"startTime": "2026-01-01T00:00:00Z", "failed": 1,
+                      "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+                                      "lastTransitionTime": "2026-01-01T01:00:00Z"}]}}
+    pod = {"metadata": {"name": "ws-1", "creationTimestamp": "2026-01-01T00:00:00Z"}, "spec": {"nodeName": "n"},
+           "status": {"phase": "Failed", "containerStatuses": [
+               {"name": "train", "state": {"terminated": {"exitCode": 66, "reason": "OOMKilled"}}}]}}
+    yield st.tuning_status(None, generation=3, job=job, pods=[pod], revision=2, progress={"step": 5, "loss": 1.5},
+                           now="2026-01-01T02:00:00Z")
+    done = {"metadata": {"name": "ws"}, "status": {"conditions": [{"type": "Complete", "status": "True"}],
+                                                   "completionTime": "2026-01-01T03:00:00Z"}}
+    yield st.tuning_status(None, generation=1, job=done, pods=[], revision=1, provisioning=True, now="2026-01-01T02:00:00Z")
+    yield st.inference_status(None, generation=1, deployment=None, pods=[], now="2026-01-01T02:00:00Z")
+
+
+@pytest.mark.parametrize("version", api.VERSIONS)
+def test_status_the_operator_writes_survives_the_typed_schema(version):
+    schema = api.crd_schema(version)["properties"]["status"]
+    for status in _statuses():
+        status = {**status, "workerNodes": ["node-1"], "tuning": {**status.get("tuning", {}), "note": "kept"}}
+        assert _prune(status, schema) == status
+        jsonschema.validate(status, schema)

@@ -117,10 +117,11 @@ def test_bad_input_names_field_and_fix(what, obj, path, words):
     assert matching, f"expected '{path}: ...{words}...' among {found}"
 
 
-def test_push_secret_without_image():
+def test_push_secret_next_to_output_volume_is_accepted_as_kaito_does():
     obj = quick_start()
-    obj["tuning"]["output"] = {"volumeSource": {"emptyDir": {}}, "imagePushSecret": "s"}
-    assert any("is only used with image" in p for p in problems_of(obj))
+    obj["tuning"]["output"] = {"volumeSource": {"persistentVolumeClaim": {"claimName": "out"}},
+                               "imagePushSecret": "s"}
+    assert problems_of(obj) == []
 
 
 def test_phi3_medium_qlora_does_not_fit_16gb_and_says_what_would():
