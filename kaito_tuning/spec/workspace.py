@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kaito_tuning.errors import Problem
+from kaito_tuning.spec.files import bounded
 from kaito_tuning.spec.schema import from_json, openapi_schema, spec, to_json
 
 GROUP = "kaito.sh"
@@ -237,7 +238,7 @@ def parse_workspace(obj: dict, path: str = "") -> tuple[Workspace, list[Problem]
     problems: list[Problem] = []
     ws = from_json(Workspace, obj, path, problems)
     apply_defaults(ws)
-    return ws, problems
+    return ws, bounded(problems)
 
 
 def apply_defaults(ws: Workspace) -> None:
