@@ -191,3 +191,155 @@ def token_registry(tmp_path_factory):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# building images by hand (hostile layers, artifacts, dataset images)
+
+
+def tar_layer(entries: list[tuple], *, compress: bool = True) -> bytes:
+    """A (gzip) tar of (name, kind, payload) with kind in file/dir/symlink/hardlink."""
+    import gzip
+    import io
+    import tarfile
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "file":
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
+            info.linkname = payload or ""
+            tar.addfile(info)
+    return gzip.compress(raw.getvalue()) if compress else raw.getvalue()
+
+
+def push_image(registry, repo_tag: str, layers: list[bytes], *, config_type: str | None = None,
+               layer_type: str | None = None) -> str:
+    """Push an image made of ``layers`` (gzip tar blobs) with the registry client; returns the reference."""
+    import gzip
+    import hashlib
+    import tempfile
+
+    from kaito_tuning.artifacts import layers as L
+    from kaito_tuning.artifacts.registry import connect
+
+    image = f"{registry.host}/{repo_tag}"
+    with connect(image, auth_file=registry.auth_file, plain_http=True, push=True, retries=0,
+                 require_tag=True) as client, tempfile.TemporaryDirectory() as tmp:
+        client.ping()
+        descriptors, diff_ids = [], []
+        for i, blob in enumerate(layers):
+            path = Path(tmp) / f"layer-{i}"
+            path.write_bytes(blob)
+            digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+            client.push_blob(path, digest, len(blob), layer_type or L.MEDIA_LAYER)
+            descriptors.append({"mediaType": layer_type or L.MEDIA_LAYER, "digest": digest, "size": len(blob)})
+            if layer_type is None:
+                diff_ids.append("sha256:" + hashlib.sha256(gzip.decompress(blob)).hexdigest())
+        config = json.dumps({"os": "linux", "architecture": "amd64",
+                             "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+        (Path(tmp) / "config").write_bytes(config)
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        client.push_blob(Path(tmp) / "config", config_digest, len(config), config_type or L.MEDIA_CONFIG)
+        client.put_manifest(json.dumps({
+            "schemaVersion": 2, "mediaType": L.MEDIA_MANIFEST, "layers": descriptors,
+            "config": {"mediaType": config_type or L.MEDIA_CONFIG, "digest": config_digest, "size": len(config)},
+        }).encode(), L.MEDIA_MANIFEST)
+    return image
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP stand-ins in front of (or instead of) a registry: flaky proxies, storage hosts, hostile registries
+
+
+class HttpStub:
+    """A threaded HTTP(S) server on a free loopback port.
+
+    ``handle(stub, req)`` answers each request: it returns ``(status, headers, body)`` (optionally a
+    4th item: send only that many bytes of the body, then drop the connection), or ``None`` to
+    forward the request to ``upstream`` unchanged (its Host kept, so a registry's Locations name
+    this server). Every request is recorded in ``seen`` as a dict: method, path, headers, body.
+    """
+
+    def __init__(self, upstream: str | None = None, handle=None, *, tls: tuple[str, str] | None = None):
+        import ssl
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        stub, self.upstream, self.handle, self.seen = self, upstream, handle, []
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _any(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                req = {"method": self.command, "path": self.path, "headers": dict(self.headers.items()), "body": body}
+                with stub._lock:
+                    stub.seen.append(req)
+                answer = stub.handle(stub, req) if stub.handle else None
+                if answer is None:
+                    answer = stub.forward(req)
+                status, headers, data, *cut = answer
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                if cut:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data[:cut[0]] if cut else data)
+                if cut:
+                    self.close_connection = True
+
+            do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
+
+    def forward(self, req: dict, *, headers: dict | None = None, host: str | None = None) -> tuple[int, dict, bytes]:
+        """Send ``req`` on to the upstream; ``host`` is the Host header it gets (default: this server's)."""
+        import requests
+
+        sent = {k: v for k, v in req["headers"].items() if k.lower() not in ("host", "content-length")}
+        sent["Host"] = host or self.host
+        sent.update(headers or {})
+        resp = requests.request(req["method"], self.upstream + req["path"], data=req["body"], headers=sent,
+                                allow_redirects=False, timeout=30)
+        return resp.status_code, dict(resp.headers), resp.content
+
+    def __enter__(self) -> "HttpStub":
+        import threading
+
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def self_signed_cert(directory: Path) -> tuple[str, str]:
+    """(cert, key) files of a self-signed certificate for 127.0.0.1 (openssl)."""
+    import subprocess
+
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
