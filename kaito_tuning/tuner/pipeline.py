@@ -47,6 +47,7 @@ class Plan:
     plain_http: bool = False            # registries over plain HTTP (local ones)
     max_steps: int | None = None
     allow_private_urls: bool = False    # dataset URLs on loopback/private addresses (local runs, tests)
+    prefetch_weights: bool = False      # the input step also makes the base weights local (the Job's download)
     annotations: dict[str, str] = field(default_factory=dict)  # extra annotations on the pushed image
 
     @property
@@ -93,24 +94,39 @@ class RunResult:
     already_trained: bool = False
 
 
-# ------------------------------------------------------------------ step 1: inputs
+# ------------------------------------------------------------------ step 1: inputs (and weights)
 
 def fetch_inputs(plan: Plan) -> list[DataFile] | None:
     """Bring the input to ``plan.data_dir``: download the URLs or pull the input image's /data.
-    A volume input is already there (mounted in the Job, a hostPath locally): nothing to fetch."""
+    A volume input is already there (mounted in the Job, a hostPath locally): nothing to fetch.
+    With ``prefetch_weights`` the base model's weights are made local here too."""
     inp = plan.workspace.tuning.input
+    files = None
     if inp.urls:
         files = download_urls(inp.urls, plan.data_dir, allow_private=plan.allow_private_urls)
         log.info("downloaded %d file(s): %s", len(files), ", ".join(f"{f.name} ({f.size} bytes)" for f in files))
-        return files
-    if inp.image:
+    elif inp.image:
         from kaito_tuning.artifacts import pull_data
 
         pulled = pull_data(inp.image, plan.data_dir, auth_file=plan.pull_auth, plain_http=plan.plain_http)
         log.info("pulled %s (%s): %d file(s)", inp.image, pulled.digest, len(pulled.files))
-        return None
-    log.info("input is a volume at %s; nothing to fetch", plan.data_dir)
-    return None
+    else:
+        log.info("input is a volume at %s; nothing to fetch", plan.data_dir)
+    if plan.prefetch_weights:
+        fetch_weights(plan)
+    return files
+
+
+def fetch_weights(plan: Plan) -> Path:
+    """The base model's weights as a local directory: downloaded now unless they already are local
+    (``ModelConfig.local_files_only: true`` forbids the download: then they must be)."""
+    from kaito_tuning.tuner.base_model import local_weights, model_dir_from_config
+
+    m = plan.config.model()
+    where = local_weights(plan.preset, model_dir=plan.model_dir or model_dir_from_config(m.pretrained_model_name_or_path),
+                          local_files_only=m.local_files_only, revision=m.revision)
+    log.info("base weights of %s at %s", plan.preset.name, where)
+    return where
 
 
 # ------------------------------------------------------------------ step 2: train
@@ -127,6 +143,7 @@ def train_step(plan: Plan, *, progress: Progress, show_progress: bool = False) -
     """Train the adapter into ``plan.output_dir``, unless a complete adapter of this very run is there."""
     from kaito_tuning.tuner.checkpoints import fingerprint
 
+    fetch_weights(plan)  # a model that cannot be had fails here, before the data is read
     data = prepare_data(plan)
     fp = fingerprint(plan.preset.name, plan.method, plan.config, data.digests, plan.max_steps)
     done = completed_adapter(plan.output_dir, fp)

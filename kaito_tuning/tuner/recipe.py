@@ -35,7 +35,7 @@ from kaito_tuning import redact
 from kaito_tuning.contract import ADAPTER_CONFIG, METADATA_FILE
 from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
-from kaito_tuning.tuner.base_model import load_base, resolve_dtype, resolve_preset
+from kaito_tuning.tuner.base_model import load_base, model_dir_from_config, resolve_dtype, resolve_preset
 from kaito_tuning.tuner.checkpoints import CHECKPOINTS, fingerprint, newest_checkpoint, prepare_checkpoints
 from kaito_tuning.tuner.formats import Splits
 from kaito_tuning.tuner.outputs import (
@@ -98,7 +98,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     quant = config.section("QuantizationConfig") if config.quantized else None
     model_kwargs = {k: v for k, v in {"trust_remote_code": mcfg.trust_remote_code, "revision": mcfg.revision,
                                       "local_files_only": mcfg.local_files_only or None}.items() if v is not None}
-    base_dir = model_dir or _config_model_dir(mcfg.pretrained_model_name_or_path)
+    base_dir = model_dir or model_dir_from_config(mcfg.pretrained_model_name_or_path)
 
     def load(attn_implementation: str):
         with out_of_memory_is_fatal():
@@ -279,15 +279,6 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
             log.info("CPU run: gradient checkpointing and packing are off")
         args.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, packing=False)
     return args
-
-
-def _config_model_dir(value: str | None) -> str | None:
-    if value is None:
-        return None
-    if not Path(value).is_dir():
-        raise UserError(f"{value!r} is not a directory; leave it empty to use the preset's weights",
-                        field="ModelConfig.pretrained_model_name_or_path")
-    return value
 
 
 def _read_template(value: str) -> str:

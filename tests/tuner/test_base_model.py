@@ -1,5 +1,7 @@
 """Where base weights come from, and the dtype this hardware gets."""
 
+import shutil
+
 import pytest
 
 from kaito_tuning.errors import UserError
@@ -7,7 +9,7 @@ from kaito_tuning.tuner.base_model import (
     ModelUnavailable,
     hardware_dtype,
     load_base,
-    model_source,
+    local_weights,
     resolve_dtype,
     resolve_preset,
 )
@@ -32,9 +34,38 @@ def test_unknown_preset_and_bad_model_dir(tmp_path):
         resolve_preset("phi-9")
     assert e.value.reason == "UnknownPreset"
     with pytest.raises(ModelUnavailable, match="has no config.json"):
-        model_source(resolve_preset("phi-3-mini-4k-instruct"), str(tmp_path))
+        local_weights("phi-3-mini-4k-instruct", model_dir=str(tmp_path))
 
 
 def test_model_dir_wins(tiny_llama):
     model, tok = load_base("smollm2-135m-instruct", model_dir=str(tiny_llama))
     assert type(model).__name__ == "LlamaForCausalLM" and tok.pad_token == "<pad>"
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch, tiny_phi3):
+    """A Hugging Face cache holding phi-3-mini-4k-instruct's pinned revision (the tiny model stands in for it),
+    as the Job's download step leaves it; and an empty hub: nothing can be downloaded here."""
+    p = resolve_preset("phi-3-mini-4k-instruct")
+    cache = tmp_path / "hub"
+    snapshot = cache / f"models--{p.repo.replace('/', '--')}" / "snapshots" / p.revision
+    shutil.copytree(tiny_phi3, snapshot)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    return snapshot
+
+
+def test_kaito_local_files_only_loads_weights_made_local_first(hf_cache):
+    """Kaito's ConfigMaps say local_files_only: true; the weights the download step cached are used."""
+    assert local_weights("phi-3-mini-4k-instruct", local_files_only=True) == hf_cache
+    model, tok = load_base("phi-3-mini-4k-instruct", model_kwargs={"local_files_only": True})
+    assert type(model).__name__ == "Phi3ForCausalLM"
+
+
+def test_local_files_only_for_weights_that_are_not_local_names_the_setting(hf_cache):
+    with pytest.raises(ModelUnavailable, match="ModelConfig.local_files_only: .*phi-3-mini-128k-instruct.*not in the "
+                                               "local cache; set it to false") as e:
+        local_weights("phi-3-mini-128k-instruct", local_files_only=True)
+    assert e.value.exit_code == 65

@@ -104,3 +104,53 @@ def test_hostpath_input(datasets_dir, tmp_path):
     ws, _ = load_spec([tuning_workspace(volume={"persistentVolumeClaim": {"claimName": "x"}})])
     with pytest.raises(UserError, match="persistentVolumeClaim volume cannot be read outside Kubernetes"):
         input_dir(ws, tmp_path)
+
+
+KAITO_LORA_PARAMS = """\
+training_config:
+  ModelConfig:
+    torch_dtype: "bfloat16"
+    local_files_only: true
+    device_map: "auto"
+  QuantizationConfig:
+    load_in_4bit: false
+  LoraConfig:
+    r: 8
+    lora_alpha: 8
+    lora_dropout: 0.0
+  TrainingArguments:
+    output_dir: "/mnt/results"
+    ddp_find_unused_parameters: false
+    save_strategy: "no"
+    per_device_train_batch_size: 1
+  DataCollator:
+    mlm: true
+  DatasetConfig:
+    shuffle_dataset: true
+    train_test_split: 1
+"""
+
+
+def test_kaitos_default_configmap_trains_unchanged(data_server, tiny_phi3, tmp_path):
+    """Kaito's chart ships this ConfigMap (lora-params-template) with every workspace: it must train as is."""
+    base, _ = data_server
+    ws = tuning_workspace([f"{base}/chat.parquet"], config="lora-params-template")
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "lora-params-template"},
+          "data": {"training_config.yaml": KAITO_LORA_PARAMS}}
+    result = run_local([ws, cm], output_dir=str(tmp_path / "out"), max_steps=2, model_dir=str(tiny_phi3),
+                       allow_private_urls=True, show_progress=False)
+    assert result.steps == 2
+    meta = json.loads((tmp_path / "out" / "training_metadata.json").read_text())
+    assert meta["rank"] == 8 and meta["loss_mask"] == "assistant_only"
+
+
+def test_a_rerun_of_a_finished_run_does_not_train_again(data_server, tiny_phi3, tmp_path):
+    base, _ = data_server
+    docs = [tuning_workspace([f"{base}/chat.parquet"], config="tiny-config"), training_configmap()]
+    kw = dict(output_dir=str(tmp_path / "out"), max_steps=2, model_dir=str(tiny_phi3), allow_private_urls=True,
+              show_progress=False)
+    first = run_local(docs, **kw)
+    stamp = (tmp_path / "out" / "adapter_model.safetensors").stat().st_mtime_ns
+    again = run_local(docs, **kw)
+    assert not first.already_trained and again.already_trained and again.steps == 2
+    assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_mtime_ns == stamp
