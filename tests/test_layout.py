@@ -28,11 +28,21 @@ def test_torch_free_entry_points_load_no_training_library(entry):
     assert out.stdout.strip() == "", f"loaded {out.stdout.strip()}"
 
 
+def _is_module(name: str) -> bool:
+    rel = Path(*name.split(".")[1:])
+    return (PKG / rel).with_suffix(".py").is_file() or (PKG / rel / "__init__.py").is_file()
+
+
 def _imports(path: Path) -> set[str]:
+    """Modules ``path`` imports; ``from pkg import submodule`` counts as importing ``pkg.submodule``."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            if node.module.startswith("kaito_tuning") and all(_is_module(m) for m in subs):
+                names.update(subs)
+            else:
+                names.add(node.module)
         elif isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
     return names
