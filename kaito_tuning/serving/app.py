@@ -10,8 +10,8 @@ FIELD, "code": STATUS}}``, and never carry exception text or a traceback:
 
 * 400 for every malformed request -- invalid JSON, JSON nested deeper than pydantic-core's limit
   (200 levels), a wrong type, a value out of range, a missing field. FastAPI would say 422; we map
-  its validation errors to 400, as OpenAI's API and Kaito's runtime do, naming the first field at
-  fault (``messages[0].role``, ``generate_kwargs.max_length``).
+  its validation errors to 400 (OpenAI's API does, and clients treat 400 as "fix the request"),
+  naming the first field at fault (``messages[0].role``, ``generate_kwargs.max_length``).
 * 404 an unknown route or model, 405 a wrong method, 413 a body over ``max_body_bytes`` (refused
   before it is read when Content-Length says so; a chunked body is counted as it comes), 408 a body
   that stalls for ``body_timeout`` seconds.
@@ -22,8 +22,8 @@ FIELD, "code": STATUS}}``, and never carry exception text or a traceback:
 Connections (uvicorn, see :func:`server_config`): one event loop, no thread per connection; a
 connection that sends no complete request head within ``idle_timeout`` seconds -- an idle
 keep-alive, a client that connects and says nothing, one that trickles its headers -- is closed;
-at most ``max_connections`` at once (503 beyond); headers over 16 KiB or malformed are refused with
-400 by h11.
+at most ``max_connections`` at once (503 beyond); a request head over 16 KiB, or malformed, is
+refused with 400 (h11).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import h11
 import pydantic_core
@@ -45,29 +45,30 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
-from pydantic_core import PydanticCustomError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from kaito_tuning import __version__
-from kaito_tuning.serving.engine import (
-    DEFAULT_MAX_NEW_TOKENS,
-    MAX_LENGTH,
-    MAX_NEW_TOKENS,
-    Completion,
-    Engine,
-    Generation,
-    RequestError,
+from kaito_tuning.serving.engine import Completion, Engine, Generation, RequestError
+from kaito_tuning.serving.schema import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatRequest,
+    ChatResponse,
+    Choice,
+    Health,
+    ModelCard,
+    ModelList,
+    show,
+    usage,
 )
 
 log = logging.getLogger(__name__)
 
 #: requests larger than this are refused (413), before they are read when Content-Length says so
 MAX_BODY_BYTES = 4 << 20
-#: a prompt (or all messages together) may have at most this many characters (400)
-MAX_PROMPT_CHARS = 32 << 10
 #: requests generating or waiting to; one more gets 503
 MAX_QUEUE = 8
 #: the Retry-After of a 503 (seconds)
@@ -85,279 +86,6 @@ ROUTES_HINT = "use POST /chat, POST /v1/chat/completions, GET /v1/models or GET 
 _EXAMPLES = {"/chat": '{"prompt": "..."}', "/v1/chat/completions": '{"model": "...", "messages": [...]}'}
 _HINTS = {"prompt": ': send {"prompt": "your question"}',
           "messages": ': a list like [{"role": "user", "content": "..."}]'}
-#: Kaito's generate_kwargs that we honour in /chat
-GENERATE_KWARGS = ("max_new_tokens", "max_length", "temperature", "top_p", "top_k", "do_sample",
-                   "repetition_penalty")
-
-
-# ---------------------------------------------------------------------------------------------
-# request models: each field checked with a message that names what to send
-
-
-def _invalid(message: str, field: str | None = None) -> PydanticCustomError:
-    """A validation error whose text is ours (``field`` overrides the location pydantic reports)."""
-    ctx: dict[str, Any] = {"message": message}
-    if field:
-        ctx["field"] = field
-    return PydanticCustomError("invalid", "{message}", ctx)
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value) if isinstance(value, (str, int, float, bool, type(None))) else type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
-def _number(kind: type, lo: float, hi: float, *, positive: bool = False):
-    """An int or float field from ``lo`` to ``hi``; strings, booleans and NaN are refused, not coerced."""
-    integer = kind is int
-    what = "an integer" if integer else "a number"
-
-    def check(value):
-        if value is None:
-            return value
-        ok = (not isinstance(value, bool) and isinstance(value, int if integer else (int, float))
-              and lo <= value <= hi and not (positive and value == 0))
-        if not ok:
-            bound = f"greater than {_num(lo)} and at most {_num(hi)}" if positive else f"from {_num(lo)} to {_num(hi)}"
-            raise _invalid(f"must be {what} {bound}, got {_show(value)}")
-        return value
-
-    limits = {"gt": lo} if positive else {"ge": lo}
-    return Annotated[kind, Field(le=hi, **limits), BeforeValidator(check)]
-
-
-def _string(what: str):
-    def check(value):
-        if not isinstance(value, str):
-            raise _invalid(f"must be a string: {what}, got {_show(value)}")
-        return value
-    return Annotated[str, BeforeValidator(check)]
-
-
-Tokens = _number(int, 1, MAX_NEW_TOKENS)
-MaxLength = _number(int, 1, MAX_LENGTH)
-Temperature = _number(float, 0, 2)
-TopP = _number(float, 0, 1, positive=True)
-TopK = _number(int, 1, 1_000_000)
-Penalty = _number(float, 0.01, 10)
-ModelName = _string("a name from GET /v1/models")
-
-
-def _strict_bool(value):
-    if not isinstance(value, bool):
-        raise _invalid(f"must be true or false, got {_show(value)}")
-    return value
-
-
-class _Sampling(BaseModel):
-    """What both chat routes accept besides the conversation (unknown fields are ignored, as OpenAI clients
-    send many)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: ModelName | None = Field(None, description="a model from GET /v1/models; default: the first adapter")
-    max_tokens: Tokens | None = Field(None, description=f"new tokens at most (1..{MAX_NEW_TOKENS}, "
-                                                        f"default {DEFAULT_MAX_NEW_TOKENS})")
-    max_new_tokens: Tokens | None = None
-    max_completion_tokens: Tokens | None = None
-    temperature: Temperature | None = Field(None, description="0 (default): greedy, the same answer every time")
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    repetition_penalty: Penalty | None = None
-
-    def _generation(self, messages: list[dict]) -> Generation:
-        gen = Generation(messages=messages, model=self.model)
-        self._apply(gen, self)
-        return gen
-
-    @staticmethod
-    def _apply(gen: Generation, src) -> None:
-        for key in ("max_new_tokens", "max_tokens", "max_completion_tokens"):
-            if getattr(src, key, None) is not None:
-                gen.max_new_tokens = getattr(src, key)
-        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            if getattr(src, key, None) is not None:
-                setattr(gen, key, getattr(src, key))
-
-
-class GenerateKwargs(BaseModel):
-    """Kaito's ``generate_kwargs`` (the ones we honour; any other is refused by name)."""
-
-    max_new_tokens: Tokens | None = None
-    max_length: MaxLength | None = Field(None, description="prompt + answer in tokens; clamped to "
-                                                           f"{MAX_NEW_TOKENS} new tokens and the model's context")
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    do_sample: Annotated[bool, BeforeValidator(_strict_bool)] | None = None
-    repetition_penalty: Penalty | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _known_keys(cls, value):
-        if not isinstance(value, dict):
-            raise _invalid("must be an object")
-        unknown = sorted(str(k)[:40] for k in set(value) - set(GENERATE_KWARGS))
-        if unknown:
-            raise _invalid(f"{', '.join(unknown[:5])} not supported; use {', '.join(GENERATE_KWARGS)}")
-        return value
-
-
-def _prompt(value):
-    if not isinstance(value, str) or not value.strip():
-        raise _invalid(f"must be a non-empty string, got {_show(value)}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise _invalid(f"is {len(value)} characters; at most {MAX_PROMPT_CHARS} are accepted")
-    return value
-
-
-class ChatRequest(_Sampling):
-    """Kaito's ``/chat``: ``{"prompt": "...", "max_new_tokens": 64, "generate_kwargs": {...}}``."""
-
-    prompt: Annotated[str, BeforeValidator(_prompt)] = Field(..., description="what to ask")
-    generate_kwargs: GenerateKwargs | None = None
-
-    def generation(self) -> Generation:
-        gen = self._generation([{"role": "user", "content": self.prompt}])
-        kw = self.generate_kwargs
-        if kw is not None:
-            self._apply(gen, kw)
-            gen.max_length = kw.max_length
-            if kw.do_sample is False:
-                gen.temperature = 0.0
-            elif kw.do_sample is True and gen.temperature == 0:
-                gen.temperature = 1.0
-        return gen
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-def _content(value):
-    """A message's content: a string, or OpenAI's list of {"type": "text", "text": ...} parts (joined)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                       and isinstance(p.get("text"), str) for p in value):
-        return "".join(p["text"] for p in value)
-    raise _invalid(f"must be a string (or a list of text parts), got {_show(value)}")
-
-
-def _role(value):
-    if value not in ("system", "user", "assistant"):
-        raise _invalid(f"must be system, user or assistant, got {_show(value)}")
-    return value
-
-
-class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    role: Annotated[Literal["system", "user", "assistant"], BeforeValidator(_role)]
-    content: Annotated[str | list[TextPart], BeforeValidator(_content)]
-
-    @model_validator(mode="before")
-    @classmethod
-    def _object(cls, value):
-        if not isinstance(value, dict):
-            raise _invalid("must be an object with role and content")
-        return value
-
-
-def _messages(value):
-    if not isinstance(value, list) or not value:
-        raise _invalid("must be a non-empty list of {role, content} objects")
-    return value
-
-
-class ChatCompletionRequest(_Sampling):
-    """OpenAI's chat completions request: messages, model, max_tokens, temperature, top_p."""
-
-    messages: Annotated[list[Message], BeforeValidator(_messages)] = Field(..., description="the conversation")
-    stream: Any = Field(None, description="not supported: false or absent")
-    n: Any = Field(None, description="not supported beyond 1")
-
-    @model_validator(mode="after")
-    def _whole(self):
-        total = sum(len(m.content) for m in self.messages)
-        if total > MAX_PROMPT_CHARS:
-            raise _invalid(f"is {total} characters; at most {MAX_PROMPT_CHARS} are accepted", "messages")
-        if self.messages[-1].role == "assistant":
-            raise _invalid("the last message must be from the user (or system), not the assistant",
-                           f"messages[{len(self.messages) - 1}].role")
-        if self.stream not in (None, False):
-            raise _invalid("streaming is not supported; send stream: false", "stream")
-        if self.n not in (None, 1):
-            raise _invalid("only n=1 is supported", "n")
-        return self
-
-    def generation(self) -> Generation:
-        return self._generation([{"role": m.role, "content": m.content} for m in self.messages])
-
-
-# ---- responses (documented in /openapi.json; the shapes Kaito's and OpenAI's clients read)
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ChatResponse(BaseModel):
-    Result: str
-    model: str
-    usage: Usage
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    owned_by: str = "kaito-tuning"
-    root: str
-    parent: str | None
-    strength: float | None = None
-    source: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-    models: list[str]
-
-
-def _usage(c: Completion) -> Usage:
-    return Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                 total_tokens=c.prompt_tokens + c.completion_tokens)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +128,7 @@ def describe(err: dict, route: str) -> tuple[str, str]:
     msg = str(err.get("msg", "is invalid")).replace("Input should be", "must be")
     got = err.get("input")
     if isinstance(got, (str, int, float, bool)):
-        msg += f", got {_show(got)}"
+        msg += f", got {show(got)}"
     return field, msg
 
 
@@ -424,8 +152,8 @@ class _Gate:
     def admit(self):
         with self._lock:
             if self.active >= self.size:
-                raise Busy(503, f"{self.active} requests are being answered or waiting; try again in "
-                                f"{RETRY_AFTER_S} s", code="server_busy")
+                raise Busy(503, f"the server is busy ({self.active} requests generating or waiting); try again "
+                                f"in {RETRY_AFTER_S} s", code="server_busy")
             self.active += 1
         try:
             yield
@@ -540,7 +268,7 @@ def create_app(engine: Engine, *, max_queue: int = MAX_QUEUE, max_body_bytes: in
     @app.post("/chat", response_model=ChatResponse, summary="Kaito's chat: a prompt, one answer")
     async def chat(body: ChatRequest):
         c = await generate(body.generation())
-        return ChatResponse(Result=c.text, model=c.model, usage=_usage(c))
+        return ChatResponse(Result=c.text, model=c.model, usage=usage(c))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, summary="OpenAI's chat completions")
     async def chat_completions(body: ChatCompletionRequest):
@@ -548,7 +276,7 @@ def create_app(engine: Engine, *, max_queue: int = MAX_QUEUE, max_body_bytes: in
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=c.model,
                               choices=[Choice(index=0, message=AssistantMessage(content=c.text),
                                               finish_reason=c.finish_reason)],
-                              usage=_usage(c))
+                              usage=usage(c))
 
     @app.get("/v1/models", response_model=ModelList, response_model_exclude_unset=True,
              summary="the base model and each adapter")

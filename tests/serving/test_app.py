@@ -15,8 +15,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from kaito_tuning.serving.app import MAX_PROMPT_CHARS, RETRY_AFTER_S, create_app, server_config
+from kaito_tuning.serving.app import RETRY_AFTER_S, create_app, server_config
 from kaito_tuning.serving.engine import MAX_NEW_TOKENS
+from kaito_tuning.serving.schema import MAX_PROMPT_CHARS
 
 from .helpers import FACT, PRESET, PRESET_REPO, QUESTION, RIVAL_FACT, error_of
 
@@ -259,7 +260,7 @@ def test_a_full_queue_answers_503_with_retry_after(engine):
         busy = client.post("/chat", json={"prompt": "hi"})
         assert busy.status_code == 503
         assert busy.headers["retry-after"] == str(RETRY_AFTER_S)
-        assert error_of(busy.json())[1].startswith("1 requests are being answered or waiting")
+        assert error_of(busy.json())[1].startswith("the server is busy (1 requests generating or waiting)")
         assert client.get("/health").status_code == 200  # not gated
     t.join(timeout=60)
     assert first["r"].status_code == 200 and first["r"].json()["Result"] == f"{FACT} is the capital."
