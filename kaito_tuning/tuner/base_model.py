@@ -166,7 +166,7 @@ WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.
 
 
 def local_weights(preset: str | Preset, *, model_dir: str | None = None, local_files_only: bool = False,
-                  revision: str | None = None) -> Path:
+                  revision: str | None = None, cache_dir: str | None = None, force_download: bool = False) -> Path:
     """A local directory holding the preset's weights and tokenizer, made local first if need be.
 
     Kaito bakes the weights into the preset image, so its ConfigMaps say
@@ -189,7 +189,8 @@ def local_weights(preset: str | Preset, *, model_dir: str | None = None, local_f
 
     rev = revision or p.revision
     try:
-        return Path(snapshot_download(p.repo, revision=rev, allow_patterns=WEIGHT_PATTERNS,
+        return Path(snapshot_download(p.repo, revision=rev, allow_patterns=WEIGHT_PATTERNS, cache_dir=cache_dir,
+                                      force_download=force_download and not local_files_only,
                                       local_files_only=local_files_only or _hub_offline()))
     except hf_errors.LocalEntryNotFoundError:
         if offline_pkg:

@@ -123,8 +123,12 @@ def fetch_weights(plan: Plan) -> Path:
     from kaito_tuning.tuner.base_model import local_weights, model_dir_from_config
 
     m = plan.config.model()
+    ignored = [k for k in ("proxies", "output_loading_info", "state_dict") if getattr(m, k)]
+    if ignored:  # Kaito's ModelConfig passes them to from_pretrained; none changes what is trained here
+        log.info("ModelConfig %s: accepted and not used (the hub client reads HTTPS_PROXY itself)", ", ".join(ignored))
     where = local_weights(plan.preset, model_dir=plan.model_dir or model_dir_from_config(m.pretrained_model_name_or_path),
-                          local_files_only=m.local_files_only, revision=m.revision)
+                          local_files_only=m.local_files_only, revision=m.revision, cache_dir=m.cache_dir,
+                          force_download=m.force_download)
     log.info("base weights of %s at %s", plan.preset.name, where)
     return where
 
@@ -143,7 +147,7 @@ def train_step(plan: Plan, *, progress: Progress, show_progress: bool = False) -
     """Train the adapter into ``plan.output_dir``, unless a complete adapter of this very run is there."""
     from kaito_tuning.tuner.checkpoints import fingerprint
 
-    fetch_weights(plan)  # a model that cannot be had fails here, before the data is read
+    weights = fetch_weights(plan)  # a model that cannot be had fails here, before the data is read
     data = prepare_data(plan)
     fp = fingerprint(plan.preset.name, plan.method, plan.config, data.digests, plan.max_steps)
     done = completed_adapter(plan.output_dir, fp)
@@ -155,7 +159,7 @@ def train_step(plan: Plan, *, progress: Progress, show_progress: bool = False) -
     from kaito_tuning.tuner.recipe import train
 
     r = train(preset=plan.preset, method=plan.method, config=plan.config, data=data, output_dir=plan.output_dir,
-              model_dir=plan.model_dir, max_steps=plan.max_steps, progress=progress, show_progress=show_progress,
+              model_dir=str(weights), max_steps=plan.max_steps, progress=progress, show_progress=show_progress,
               workspace=plan.name)
     return TrainOutcome(output_dir=r.adapter_dir, steps=r.steps, train_loss=r.train_loss, eval_loss=r.eval_loss,
                         loss_curve=r.loss_curve)
