@@ -11,13 +11,9 @@ anything else is retried up to ``backoffLimit``.
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_USER_ERROR = 65  # EX_DATAERR: bad spec, config or dataset: do not retry
 EXIT_OUT_OF_MEMORY = 66  # the model/batch does not fit: retrying will not help either
 EXIT_TRANSIENT = 75  # EX_TEMPFAIL: network, registry, disruption: retry
-
-#: exit codes for which the Job must not be retried
-NON_RETRYABLE_EXIT_CODES = (EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY)
 
 
 class KaitoError(Exception):
