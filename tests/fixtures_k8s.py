@@ -11,6 +11,9 @@ client and kubectl all work against it:
 * ``kaito.sh/v1alpha1/workspaces`` is an alias of ``kaito.sh/v1beta1/workspaces`` (one object
   served through both versions, as the real API server does);
 * deleting an object deletes the objects whose ownerReferences name its uid (background GC);
+* ``metadata.generateName`` gives a unique name on create (kopf's Events use it);
+* a JSON patch whose ``test`` op fails answers 422 as the API server does (kmock: 500, which kopf
+  retries 9 times instead of re-reading the object);
 * a request costs the same however many came before it (see ``__iter__``).
 
 Use it with ``pytestmark = pytest.mark.kmock(cls=Emulator)`` and the ``k8s`` fixture.
@@ -27,9 +30,11 @@ import os
 import subprocess
 import uuid
 
+import jsonpatch
 import kmock
 import pytest
 from kmock._internal import dsl, enums, references
+from kmock._internal.k8s import KubernetesError
 
 from kaito_tuning.spec.crd import crd_manifest
 
@@ -90,7 +95,10 @@ class Emulator(kmock.KubernetesEmulator):
         deleted_uid = None
         if request.resource is not None and request.action == enums.action.DELETE and request.name is not None:
             deleted_uid = self._uid_of(request)
-        response = await super()._handle(request)
+        try:
+            response = await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as e:
+            raise KubernetesError(status=422, reason="Invalid", message=f"the server rejected our request: {e}") from None
         if deleted_uid:
             await self._collect_garbage(deleted_uid)
         return response
@@ -98,6 +106,8 @@ class Emulator(kmock.KubernetesEmulator):
     def _stamp_new(self, request) -> None:
         meta = request.data.setdefault("metadata", {})
         meta.setdefault("namespace", request.namespace) if request.namespace else None
+        if not meta.get("name") and meta.get("generateName"):
+            meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
         meta["uid"] = str(uuid.uuid4())
         meta["resourceVersion"] = str(next(_rv))
         meta["creationTimestamp"] = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -203,7 +213,7 @@ async def running_operator(settings, *, api_client=None):
     """The operator in-process, on this loop; stopped (and awaited) on exit."""
     import kopf
 
-    from kaito_tuning.controller.reconcile import register
+    from kaito_tuning.controller.handlers import register
 
     registry = register(settings, api_client=api_client)
     stop, ready = asyncio.Event(), asyncio.Event()

@@ -9,8 +9,11 @@ may not point at private, loopback, link-local or metadata addresses; on a user'
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import subprocess
+import tempfile
 
 import kopf
 
@@ -60,7 +63,11 @@ def read_config_text(namespace: str, name: str) -> str | None:
 
 
 def register_admission(settings: Settings, registry: kopf.OperatorRegistry) -> None:
-    """The validating handler (both served versions) and kopf's webhook server on ``settings.webhook_port``."""
+    """The validating handler (both served versions) and kopf's webhook server on ``settings.webhook_port``.
+
+    The handler's id is the webhook's path (``/validate-v1beta1``); with ``webhook_configuration`` set,
+    kopf creates that ValidatingWebhookConfiguration and keeps its clientConfig and caBundle current.
+    """
 
     def validate(body, old, operation, namespace, **_):
         obj = dict(body)
@@ -78,11 +85,76 @@ def register_admission(settings: Settings, registry: kopf.OperatorRegistry) -> N
 
     @kopf.on.startup(registry=registry)
     def webhook_server(settings: kopf.OperatorSettings, **_):
-        cert_dir = conf.webhook_cert_dir
-        kwargs = {"addr": "0.0.0.0", "port": conf.webhook_port}
-        if cert_dir:
-            kwargs.update(certfile=os.path.join(cert_dir, "tls.crt"), pkeyfile=os.path.join(cert_dir, "tls.key"))
-        else:
-            kwargs.update(addr="127.0.0.1", insecure=True)
-        settings.admission.server = kopf.WebhookServer(**kwargs)
-        settings.admission.managed = None  # operator/webhook.yaml declares the configuration
+        settings.admission.server = webhook_server_for(conf)
+        settings.admission.managed = conf.webhook_configuration or None
+
+
+def webhook_server_for(settings: Settings) -> kopf.WebhookServer:
+    """kopf's webhook server as the settings say.
+
+    Default: TLS with a certificate kopf generates (self-signed; its CA goes into the managed
+    configuration's caBundle), named for the Service ``webhook_service`` so the API server can call
+    it; no cert-manager needed. With ``webhook_cert_dir``: that tls.crt/tls.key (cert-manager).
+    ``webhook_insecure``: plain HTTP on loopback, for tests.
+    """
+    if settings.webhook_insecure:
+        return kopf.WebhookServer(addr="127.0.0.1", port=settings.webhook_port, insecure=True)
+    kwargs: dict = {"addr": "0.0.0.0", "port": settings.webhook_port}
+    if settings.webhook_cert_dir:
+        kwargs.update(certfile=os.path.join(settings.webhook_cert_dir, "tls.crt"),
+                      pkeyfile=os.path.join(settings.webhook_cert_dir, "tls.key"))
+    if settings.webhook_service:
+        namespace, name = settings.webhook_service.split("/")
+        return ServiceWebhookServer(service=name, namespace=namespace, host=f"{name}.{namespace}.svc",
+                                    extra_sans=[f"{name}.{namespace}.svc.cluster.local", f"{name}.{namespace}"],
+                                    **kwargs)
+    return SelfSignedWebhookServer(**kwargs)
+
+
+class SelfSignedWebhookServer(kopf.WebhookServer):
+    """kopf's server, its self-signed certificate made by the ``openssl`` CLI (in every Debian-based image,
+    as a dependency of ca-certificates) instead of kopf's optional ``certbuilder`` package."""
+
+    @staticmethod
+    def build_certificate(hostnames, password=None) -> tuple[bytes, bytes]:
+        if password:
+            raise ValueError("a generated webhook certificate has no password")
+        names = [h for h in dict.fromkeys(hostnames) if h]
+        sans = ",".join(f"IP:{h}" if _is_ip(h) else f"DNS:{h}" for h in names)
+        with tempfile.TemporaryDirectory() as tmp:
+            key, crt = os.path.join(tmp, "tls.key"), os.path.join(tmp, "tls.crt")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-days", "3650", "-subj", f"/CN={names[0][:64]}", "-addext",
+                            f"subjectAltName={sans}", "-keyout", key, "-out", crt],
+                           check=True, capture_output=True, timeout=60)
+            with open(crt, "rb") as c, open(key, "rb") as k:
+                return c.read(), k.read()
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class ServiceWebhookServer(SelfSignedWebhookServer):
+    """kopf's server, announced to the API server as a Service reference (``clientConfig.service``).
+
+    kopf's own server announces a URL (``https://host:port/...``); the API server resolves a URL with
+    the node's DNS, where ``*.svc`` names usually do not resolve, while a Service reference is resolved
+    by the API server itself (Service port 443 -> the container's webhook port).
+    """
+
+    def __init__(self, *, service: str, namespace: str, service_port: int = 443, **kwargs):
+        super().__init__(**kwargs)
+        self.service, self.namespace, self.service_port = service, namespace, service_port
+
+    async def __call__(self, fn):
+        async for config in super().__call__(fn):
+            out = {"service": {"name": self.service, "namespace": self.namespace, "port": self.service_port,
+                               "path": (self.path or "").rstrip("/")}}
+            if "caBundle" in config:
+                out["caBundle"] = config["caBundle"]
+            yield out

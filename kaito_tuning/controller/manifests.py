@@ -57,6 +57,18 @@ GPU_TOLERATIONS = [
     {"key": "gpu", "operator": "Exists", "effect": "NoSchedule"},
 ]
 _UID = 1000
+#: SIGKILL's exit code: what a kubelet reports for an OOM-killed container (reason OOMKilled)
+EXIT_KILLED = 137
+#: rules are matched in order, first match wins. A pod disrupted by the cluster (preemption, eviction,
+#: node drain; all killed with 137) is retried without counting; then a user error (65) or an out of
+#: memory fails the Job at once: a CUDA OOM caught in Python exits 66 from any step, and a kubelet
+#: OOM-kill exits 137 -- counted only on the tuner, the one container whose memory grows with the
+#: training settings (a retry would be killed again); the small steps' 137 is retried.
+POD_FAILURE_RULES = [
+    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY]}},
+    {"action": "FailJob", "onExitCodes": {"containerName": "tuner", "operator": "In", "values": [EXIT_KILLED]}},
+]
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -254,11 +266,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
         "spec": {
             "backoffLimit": settings.job_backoff_limit,
             "activeDeadlineSeconds": settings.job_active_deadline_seconds,
-            "podFailurePolicy": {"rules": [
-                {"action": "FailJob",
-                 "onExitCodes": {"operator": "In", "values": [EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY]}},
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
-            ]},
+            "podFailurePolicy": {"rules": POD_FAILURE_RULES},
             "template": {
                 "metadata": {"labels": labels, "annotations": {ANNOTATION_REVISION: str(revision)}},
                 "spec": {"restartPolicy": "Never", **_gpu_pod_spec(ws, init_containers, containers, volumes)},

@@ -20,8 +20,15 @@ KAITO_PROGRESS_POLL_SECONDS            how often a running pod's /progress is re
 KAITO_RETRY_DELAY_SECONDS              how long to wait before re-checking a missing ConfigMap,
                                        secret or a node that is not ready yet
 KAITO_WEBHOOK_PORT                     port of the admission webhook server (0: no webhook server)
-KAITO_WEBHOOK_CERT_DIR                 directory with tls.crt and tls.key for it (empty: plain HTTP,
-                                       for tests only)
+KAITO_WEBHOOK_CERT_DIR                 directory with tls.crt and tls.key for it (the cert-manager
+                                       overlay); empty: kopf generates a self-signed certificate
+KAITO_WEBHOOK_SERVICE                  namespace/name of the Service in front of the webhook port
+                                       (what the API server calls; the generated certificate's name)
+KAITO_WEBHOOK_CONFIGURATION            name of the ValidatingWebhookConfiguration the operator
+                                       creates and keeps current (caBundle included); empty: it is
+                                       declared by hand (operator/cert-manager/)
+KAITO_WEBHOOK_INSECURE                 true: plain HTTP on 127.0.0.1 (tests only)
+KAITO_LOG_LEVEL                        DEBUG, INFO (default), WARNING or ERROR; the log is JSON lines
 =====================================  ==========================================================
 """
 
@@ -34,6 +41,7 @@ from kaito_tuning.errors import UserError
 
 DEFAULT_TUNER_IMAGE = "ghcr.io/kaito-tuning/tuner:0.1.0"
 RELEASE_POLICIES = ("OnCompletion", "OnDelete")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,10 @@ class Settings:
     retry_delay_seconds: float = 30.0
     webhook_port: int = 0
     webhook_cert_dir: str | None = None
+    webhook_service: str | None = None
+    webhook_configuration: str | None = None
+    webhook_insecure: bool = False
+    log_level: str = "INFO"
 
     def __post_init__(self):
         if self.nodeclaim_release not in RELEASE_POLICIES:
@@ -60,6 +72,16 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise UserError(f"must be positive, got {getattr(self, name)}", field=env_name(name),
                                 reason="InvalidSetting")
+        object.__setattr__(self, "log_level", str(self.log_level).strip().upper())
+        if self.log_level not in LOG_LEVELS:
+            raise UserError(f"must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}",
+                            field=env_name("log_level"), reason="InvalidSetting")
+        if self.webhook_service and (self.webhook_service.count("/") != 1 or not all(self.webhook_service.split("/"))):
+            raise UserError(f"must be namespace/name of a Service, got {self.webhook_service!r}",
+                            field=env_name("webhook_service"), reason="InvalidSetting")
+        if not 0 <= self.webhook_port <= 65535:
+            raise UserError(f"must be a port (0: no webhook), got {self.webhook_port}",
+                            field=env_name("webhook_port"), reason="InvalidSetting")
         if self.job_backoff_limit < 0:
             raise UserError(f"must be 0 or more, got {self.job_backoff_limit}", field=env_name("job_backoff_limit"),
                             reason="InvalidSetting")

@@ -60,6 +60,21 @@ def _created(obj: dict) -> str:
     return (obj.get("metadata") or {}).get("creationTimestamp") or ""
 
 
+def _last_event(pod: dict) -> str:
+    """The latest start or finish of any of its containers (timestamps have 1 s resolution: pods of one
+    Job are often created in the same second, and their order in a list is the API server's name order)."""
+    times = [""]
+    for _, cs in _statuses(pod):
+        for state in ((cs.get("state") or {}), (cs.get("lastState") or {})):
+            for v in state.values():
+                times += [v.get("finishedAt") or "", v.get("startedAt") or ""]
+    return max(times)
+
+
+def newest_first(pods: list[dict]) -> list[dict]:
+    return sorted(pods, key=lambda p: (_created(p), _last_event(p)), reverse=True)
+
+
 def split_reason(message: str, default: str) -> tuple[str, str]:
     """``"DatasetInvalid: tuning.input: ..."`` → ("DatasetInvalid", "tuning.input: ...")."""
     m = _REASON_PREFIX.match((message or "").strip())
@@ -127,7 +142,7 @@ def _started(pod: dict) -> bool:
 
 def _result(pods: list[dict]) -> dict | None:
     """The JSON the last step wrote to its termination log on success."""
-    for pod in sorted(pods, key=_created, reverse=True):
+    for pod in newest_first(pods):
         for _, cs in reversed(_statuses(pod)):
             term = (cs.get("state") or {}).get("terminated") or {}
             if term.get("exitCode") == 0 and term.get("message"):
@@ -140,10 +155,47 @@ def _result(pods: list[dict]) -> dict | None:
     return None
 
 
-def running_pod(pods: list[dict]) -> dict | None:
-    """The newest Running pod that has an IP (where /progress is served)."""
-    live = [p for p in pods if (p.get("status") or {}).get("phase") == "Running" and (p.get("status") or {}).get("podIP")]
-    return max(live, key=_created) if live else None
+#: what the workspace is doing while a container of the tuning pod runs
+STAGES = {"download": "downloading", "tuner": "training", "push": "pushing"}
+_STAGE_MESSAGES = {"downloading": "downloading the inputs", "training": "training", "pushing": "pushing the adapter image"}
+
+
+def running_container(pod: dict) -> str | None:
+    """The container a kubelet reports running: an init container while the pod is Pending, then a main one.
+
+    Between two init containers (one terminated with 0, the next not yet running) the next one is
+    named, so the stage does not flicker back.
+    """
+    st = pod.get("status") or {}
+    inits = st.get("initContainerStatuses") or []
+    for i, cs in enumerate(inits):
+        state = cs.get("state") or {}
+        if state.get("running"):
+            return cs.get("name")
+        term = state.get("terminated")
+        if term is None or term.get("exitCode", 0) != 0:
+            return inits[i]["name"] if term is None and i and _init_done(inits[i - 1]) else None
+    for cs in st.get("containerStatuses") or []:
+        if (cs.get("state") or {}).get("running"):
+            return cs.get("name")
+    return None
+
+
+def _init_done(cs: dict) -> bool:
+    term = (cs.get("state") or {}).get("terminated") or {}
+    return bool(term) and term.get("exitCode", 0) == 0
+
+
+def stage(pod: dict | None) -> str | None:
+    """downloading / training / pushing, from the pod's running container (None: nothing runs)."""
+    name = running_container(pod) if pod else None
+    return STAGES.get(name, "running") if name else None
+
+
+def progress_pod(pods: list[dict]) -> dict | None:
+    """The newest pod whose tuner container runs (as an init container or not) and that has an IP."""
+    live = [p for p in pods if running_container(p) == "tuner" and (p.get("status") or {}).get("podIP")]
+    return newest_first(live)[0] if live else None
 
 
 # ------------------------------------------------------------------ progress
@@ -200,7 +252,7 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
         node_ready, reason, msg = nodeclaim_ready(nodeclaim)
         conds.append(condition("NodeClaimReady", node_ready, reason, msg))
 
-    pods = sorted(pods, key=_created)
+    pods = newest_first(pods)[::-1]
     latest = pods[-1] if pods else None
     done = _job_condition(job, "Complete", "SuccessCriteriaMet") if job else None
     failed = _job_condition(job, "Failed", "FailureTarget") if job else None
@@ -245,8 +297,12 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
         retries = js.get("failed") or 0
         limit = (job.get("spec") or {}).get("backoffLimit")
         stuck = pod_blocker(latest) if latest is not None else None
-        is_running = latest is not None and (latest.get("status") or {}).get("phase") == "Running"
+        doing = stage(latest)
+        is_running = latest is not None and (doing is not None or _started(latest)) and \
+            (latest.get("status") or {}).get("phase") in ("Pending", "Running")
         state = RUNNING if is_running else PENDING
+        if doing:
+            tuning["stage"] = doing
         scheduled = latest is not None and _scheduled(latest)
         if scheduled:
             res = condition("ResourceReady", True, "ResourceReady", f"pod {latest['metadata']['name']} is on a node")
@@ -256,8 +312,11 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
             res = condition("ResourceReady", "Unknown", "WaitingForNode", "waiting for the pod to be scheduled")
         if is_running:
             started = condition("JobStarted", True, "JobStarted", f"job {tuning['jobName']} is running")
-            msg = "training" + (f": step {prog['step']}/{prog.get('totalSteps', '?')}" if prog and "step" in prog else "")
-            ws = condition("WorkspaceSucceeded", False, "Running", msg)
+            msg = _STAGE_MESSAGES.get(doing or "", "running")
+            if doing == "training" and prog and "step" in prog:
+                msg += f": step {prog['step']}/{prog.get('totalSteps', '?')}"
+            ws = condition("WorkspaceSucceeded", False, stuck["reason"] if stuck else "Running",
+                           stuck["message"] if stuck else msg)
         else:
             reason, msg = (stuck["reason"], stuck["message"]) if stuck else ("JobPending", "the tuning pod has not started yet")
             started = condition("JobStarted", False, reason, msg)
@@ -281,10 +340,10 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
 
 def _failure(job: dict, pods: list[dict]) -> dict:
     """Why the run (or its last attempt) failed: the newest failed pod's container, else the Job's condition."""
-    for pod in sorted(pods, key=_created, reverse=True):
+    for pod in newest_first(pods):
         if (f := container_failure(pod)):
             return f
-    for pod in sorted(pods, key=_created, reverse=True):
+    for pod in newest_first(pods):
         if (b := pod_blocker(pod)):
             return {"reason": b["reason"], "message": b["message"], **({"container": b["container"]} if "container" in b else {})}
     c = _job_condition(job, "Failed", "FailureTarget") or {}

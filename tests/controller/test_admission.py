@@ -85,7 +85,7 @@ def _post(url, payload):
 @pytest.mark.timeout(60)
 async def test_through_kopfs_webhook_server(kmock, kubeconfig):
     port = _free_port()
-    async with running_operator(Settings(webhook_port=port)):
+    async with running_operator(Settings(webhook_port=port, webhook_insecure=True)):
         url = f"http://127.0.0.1:{port}/validate-v1beta1"
         for _ in range(100):  # the server starts with the operator
             try:

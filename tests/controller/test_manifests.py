@@ -63,8 +63,12 @@ def test_quick_start_job_follows_the_contract():
     spec, pod = job["spec"], _pod(job)
     assert spec["backoffLimit"] == 2 and spec["activeDeadlineSeconds"] == 3600
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [65, 66]}}
-    assert rules[1]["action"] == "Ignore" and rules[1]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    # first match wins: a disruption (killed with 137 too) is retried before any exit code is judged
+    assert rules[0]["action"] == "Ignore" and rules[0]["onPodConditions"][0]["type"] == "DisruptionTarget"
+    assert rules[1] == {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [65, 66]}}
+    # a kubelet OOM-kill of the tuner exits 137 and is not retried (it would be killed again)
+    assert rules[2] == {"action": "FailJob", "onExitCodes": {"containerName": "tuner", "operator": "In",
+                                                              "values": [137]}}
     assert job["metadata"]["labels"]["kaito.sh/workspace"] == "workspace-tuning-phi-3"
     assert job["metadata"]["annotations"]["workspace.kaito.io/revision"] == "3"
     assert [c["name"] for c in pod["initContainers"]] == ["download", "tuner"]

@@ -20,6 +20,7 @@ from fixtures_k8s import (
     list_objs,
     running_operator,
 )
+from kubelet import PodSim, publish
 
 from kaito_tuning.controller import manifests
 from kaito_tuning.controller.settings import Settings
@@ -33,15 +34,26 @@ NAME = "workspace-tuning-phi-3"
 SETTINGS = Settings(retry_delay_seconds=0.5, progress_poll_seconds=0.3)
 
 
+PUSH_SECRET = "acr-push"
+
+
 def quick_start() -> dict:
-    return yaml.safe_load(open(QUICK))
+    """The quick start with a real secret name for its placeholder (ACR_REGISTRY_SECRET_HERE is not a name)."""
+    d = yaml.safe_load(open(QUICK))
+    assert d["tuning"]["output"]["imagePushSecret"] == "ACR_REGISTRY_SECRET_HERE"
+    d["tuning"]["output"]["imagePushSecret"] = PUSH_SECRET
+    return d
+
+
+async def apply_quick_start() -> None:
+    await apply(quick_start())
 
 
 async def apply(obj: dict) -> None:
     await kubectl("apply", "-f", "-", input=yaml.safe_dump(obj))
 
 
-async def push_secret(name="ACR_REGISTRY_SECRET_HERE", type_="kubernetes.io/dockerconfigjson"):
+async def push_secret(name=PUSH_SECRET, type_="kubernetes.io/dockerconfigjson"):
     data = {".dockerconfigjson": base64.b64encode(b'{"auths": {}}').decode()} if "docker" in type_ else \
         {"token": base64.b64encode(b"x").decode()}
     import asyncio
@@ -66,41 +78,8 @@ def batch():
     return kubernetes.client.BatchV1Api()
 
 
-async def make_pod(job: dict, phase="Pending", statuses=None, init_statuses=None, ip=None, suffix="a"):
-    """A pod of ``job`` as the Job controller would create it, with the given status."""
-    import asyncio
-
-    meta = job["spec"]["template"]["metadata"]
-    pod = {"apiVersion": "v1", "kind": "Pod",
-           "metadata": {"name": f"{job['metadata']['name']}-{suffix}", "namespace": "default",
-                        "labels": dict(meta["labels"]), "annotations": dict(meta["annotations"])},
-           "spec": job["spec"]["template"]["spec"]}
-    try:
-        await asyncio.to_thread(core().create_namespaced_pod, "default", pod)
-    except kubernetes.client.exceptions.ApiException as e:
-        if e.status != 409:
-            raise
-    st = {"phase": phase, "containerStatuses": statuses or [], "initContainerStatuses": init_statuses or [],
-          "conditions": [{"type": "PodScheduled", "status": "True"}]}
-    if ip:
-        st["podIP"] = ip
-    await asyncio.to_thread(core().patch_namespaced_pod_status, pod["metadata"]["name"], "default", {"status": st})
-
-
-async def set_job_status(name: str, st: dict):
-    import asyncio
-
-    await asyncio.to_thread(batch().patch_namespaced_job_status, name, "default", {"status": st})
-
-
-def terminated(name, code, message="", reason=None):
-    return {"name": name, "ready": False, "restartCount": 0, "image": "x", "imageID": "",
-            "state": {"terminated": {"exitCode": code, "message": message, "reason": reason or ("Completed" if code == 0 else "Error")}}}
-
-
-def running(name):
-    return {"name": name, "ready": True, "restartCount": 0, "image": "x", "imageID": "",
-            "state": {"running": {"startedAt": "2025-01-01T00:00:00Z"}}}
+def job_of(kmock) -> dict:
+    return get_obj(kmock, JOBS, "default", NAME)
 
 
 @pytest.fixture
@@ -131,7 +110,7 @@ def progress_server(monkeypatch):
 async def test_quick_start_runs_reports_progress_and_succeeds(kmock, kubeconfig, progress_server):
     async with running_operator(SETTINGS):
         await push_secret()
-        await kubectl("apply", "-f", QUICK)
+        await apply_quick_start()
         job = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME))
         clean = copy.deepcopy(job)
         kubernetes_validate.validate(clean, "1.33.0", strict=True)
@@ -140,58 +119,79 @@ async def test_quick_start_runs_reports_progress_and_succeeds(kmock, kubeconfig,
         await eventually(lambda: status(kmock).get("state") == "Pending")
         assert cond(status(kmock), "JobStarted")["status"] == "False"
 
-        await make_pod(job, "Running", init_statuses=[terminated("download", 0), running("tuner")],
-                       statuses=[], ip="127.0.0.1")
-        await set_job_status(NAME, {"active": 1, "startTime": "2025-01-01T00:00:00Z"})
+        pod = PodSim(job)
+        pod.ip = "127.0.0.1"  # where the fake tuner serves /progress
+        await publish(pod.schedule().start("download"), job=job)  # Init:0/2: the pod is Pending
+        st = await eventually(lambda: status(kmock).get("tuning", {}).get("stage") == "downloading" and status(kmock))
+        assert st["state"] == "Running" and cond(st, "JobStarted")["status"] == "True"
+        assert (await kubectl("get", "workspace", NAME, "-o",
+                              'jsonpath={.status.conditions[?(@.type=="JobStarted")].status}')).stdout == "True"
+
+        await publish(pod.finish("download").start("tuner"), job=job)  # Init:1/2, still Pending while training
+        assert pod.status()["phase"] == "Pending"
         st = await eventually(lambda: status(kmock).get("tuning", {}).get("progress") and status(kmock))
-        assert st["state"] == "Running"
+        assert st["state"] == "Running" and st["tuning"]["stage"] == "training"
         assert st["tuning"]["progress"] == {"step": 40, "totalSteps": 100, "epoch": 0.4, "loss": 1.25, "etaSeconds": 90}
         assert cond(st, "JobStarted")["status"] == "True"
+        await eventually(lambda: "step 40/100" in cond(status(kmock), "WorkspaceSucceeded")["message"])
         out = (await kubectl("get", "workspace", NAME, "-o", "jsonpath={.status.state}")).stdout
         assert out == "Running"
         table = (await kubectl("get", "workspace")).stdout
         assert NAME in table
 
+        await publish(pod.finish("tuner").start("push"), job=job)
+        await eventually(lambda: status(kmock).get("tuning", {}).get("stage") == "pushing")
         result = json.dumps({"image": "ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1", "digest": "sha256:" + "a" * 64})
-        await make_pod(job, "Succeeded", init_statuses=[terminated("download", 0), terminated("tuner", 0)],
-                       statuses=[terminated("push", 0, result)])
-        await set_job_status(NAME, {"succeeded": 1, "completionTime": "2025-01-01T01:00:00Z",
-                                    "conditions": [{"type": "Complete", "status": "True"}]})
+        await publish(pod.finish("push", 0, result), job=job)
         st = await eventually(lambda: status(kmock).get("state") == "Succeeded" and status(kmock))
         assert st["tuning"]["output"] == {"image": "ACR_REPO_HERE.azurecr.io/IMAGE_NAME_HERE:0.0.1",
                                           "digest": "sha256:" + "a" * 64}
+        assert "stage" not in st["tuning"]
         assert cond(st, "WorkspaceSucceeded")["status"] == "True"
         out = (await kubectl("get", "workspace", NAME, "-o",
                              'jsonpath={.status.conditions[?(@.type=="WorkspaceSucceeded")].status}')).stdout
         assert out == "True"
+        # every phase change is an Event on the workspace
+        await eventually(lambda: {"downloading", "training", "pushing", "Succeeded"} <= {
+            w for e in events_of(kmock) for w in ("downloading", "training", "pushing", "Succeeded") if w in e["message"]})
 
 
-@pytest.mark.parametrize("case", ["oom", "bad-dataset"])
+def events_of(kmock, name=NAME) -> list[dict]:
+    return [e for e in list_objs(kmock, "v1/events") if (e.get("involvedObject") or {}).get("name") == name
+            and (e.get("involvedObject") or {}).get("kind") == "Workspace"]
+
+
+@pytest.mark.parametrize("case", ["transient-then-oom", "bad-dataset"])
 async def test_failures_show_their_reason(kmock, kubeconfig, case):
     async with running_operator(SETTINGS):
         await push_secret()
-        await kubectl("apply", "-f", QUICK)
+        await apply_quick_start()
         job = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME))
-        if case == "oom":
-            tuner = terminated("tuner", 137, "", reason="OOMKilled")
+        if case == "transient-then-oom":
+            # a first failed attempt that the Job retries is not a failure of the workspace
+            first = PodSim(job, "a").run_through("tuner").finish("tuner", 75, "Transient: registry timeout")
+            await publish(first, job=job)
+            st = await eventually(lambda: "retrying" in cond(status(kmock), "WorkspaceSucceeded").get("message", "")
+                                  and status(kmock))
+            assert st["state"] != "Failed"
+            second = PodSim(job, "b").run_through("tuner").oom_kill("tuner")  # the kubelet kills it: 137
+            await publish(second, first, job=job)
             want = "OutOfMemory"
         else:
-            tuner = terminated("tuner", 65, "DatasetInvalid: tuning.input.urls[0]: no rows with a messages column")
+            bad = PodSim(job).run_through("tuner").finish(
+                "tuner", 65, "DatasetInvalid: tuning.input.urls[0]: no rows with a messages column")
+            await publish(bad, job=job)
             want = "DatasetInvalid"
-        # a first failed attempt that the Job retries is not a failure of the workspace
-        await make_pod(job, "Failed", init_statuses=[terminated("download", 0), tuner], suffix="a")
-        await set_job_status(NAME, {"failed": 1, "active": 0})
-        st = await eventually(lambda: "retrying" in cond(status(kmock), "WorkspaceSucceeded").get("message", "")
-                              and status(kmock))
-        assert st["state"] != "Failed"
-        await set_job_status(NAME, {"failed": 1, "conditions": [{"type": "Failed", "status": "True",
-                                                                  "reason": "PodFailurePolicy"}]})
+        # the Job controller fails the Job at once (podFailurePolicy), no further retry
+        assert get_obj(kmock, JOBS, "default", NAME)["status"]["conditions"][0]["reason"] == "PodFailurePolicy"
         st = await eventually(lambda: status(kmock).get("state") == "Failed" and status(kmock))
         assert st["tuning"]["failure"]["reason"] == want
         assert st["tuning"]["failure"]["container"] == "tuner"
         assert cond(st, "WorkspaceSucceeded")["reason"] == want
         if case == "bad-dataset":
             assert "messages column" in st["tuning"]["failure"]["message"]
+        ev = await eventually(lambda: [e for e in events_of(kmock) if e["reason"] == want])
+        assert ev[0]["type"] == "Warning"
 
 
 async def test_restart_mid_reconcile_leaves_exactly_one_job(kmock, kubeconfig):
@@ -219,7 +219,7 @@ async def test_restart_mid_reconcile_leaves_exactly_one_job(kmock, kubeconfig):
 async def test_update_starts_a_new_run(kmock, kubeconfig):
     async with running_operator(SETTINGS):
         await push_secret()
-        await kubectl("apply", "-f", QUICK)
+        await apply_quick_start()
         job1 = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME))
         d = quick_start()
         d["tuning"]["input"]["urls"] = ["https://example.com/data/other.parquet"]
@@ -250,22 +250,99 @@ async def test_missing_configmap_waits_then_runs(kmock, kubeconfig):
         assert vols["config"]["configMap"]["name"] == "my-params"
 
 
-@pytest.mark.parametrize("case", ["missing", "wrong-type"])
+@pytest.mark.parametrize("case", ["missing", "wrong-type", "placeholder"])
 async def test_push_secret_problems_are_reported(kmock, kubeconfig, case):
     async with running_operator(SETTINGS):
         if case == "wrong-type":
             await push_secret(type_="Opaque")
-        await kubectl("apply", "-f", QUICK)
-        want = "SecretNotFound" if case == "missing" else "SecretWrongType"
+        if case == "placeholder":
+            await kubectl("apply", "-f", QUICK)  # the quick start exactly as published
+        else:
+            await apply_quick_start()
+        want = {"missing": "SecretNotFound", "wrong-type": "SecretWrongType", "placeholder": "SecretNamePlaceholder"}[case]
         st = await eventually(lambda: cond(status(kmock), "WorkspaceSucceeded").get("reason") == want and status(kmock))
-        assert "ACR_REGISTRY_SECRET_HERE" in cond(st, "WorkspaceSucceeded")["message"]
+        msg = cond(st, "WorkspaceSucceeded")["message"]
+        if case == "placeholder":
+            assert "ACR_REGISTRY_SECRET_HERE' is a placeholder" in msg
+            assert "docker-registry ACR_REGISTRY_SECRET_HERE" not in msg  # the API server would refuse that name
+            assert not [r for r in kmock if r.resource is not None and r.resource.plural == "secrets"]
+        else:
+            assert PUSH_SECRET in msg
         assert get_obj(kmock, JOBS, "default", NAME) is None
+        ev = await eventually(lambda: [e for e in events_of(kmock) if e["reason"] == want])
+        assert ev[0]["type"] == "Warning"
+
+
+@pytest.mark.parametrize("end", ["Succeeded", "Failed"])
+async def test_status_is_replaced_per_revision(kmock, kubeconfig, end):
+    """After an update, nothing of the previous run's status remains (output, digest, finishedAt, failure)."""
+    async with running_operator(SETTINGS):
+        await push_secret()
+        await apply_quick_start()
+        job = await eventually(lambda: job_of(kmock))
+        pod = PodSim(job)
+        if end == "Succeeded":
+            pod.succeed(json.dumps({"image": "r/a:1", "digest": "sha256:" + "b" * 64}))
+        else:
+            pod.run_through("tuner").finish("tuner", 65, "DatasetInvalid: tuning.input.urls[0]: empty file")
+        await publish(pod, job=job)
+        old = await eventually(lambda: status(kmock).get("state") == end and status(kmock))
+        assert old["tuning"]["finishedAt"]
+        d = quick_start()
+        d["tuning"]["input"]["urls"] = ["https://example.com/data/other.parquet"]
+        await apply(d)
+        new = await eventually(lambda: status(kmock).get("tuning", {}).get("revision") == 2 and status(kmock))
+        await eventually(lambda: (j := job_of(kmock)) and j["metadata"]["uid"] != job["metadata"]["uid"])
+        new = status(kmock)
+        assert new["state"] == "Pending"
+        for stale in ("output", "finishedAt", "failure", "progress", "startedAt", "note"):
+            assert stale not in new["tuning"], f"tuning.{stale} of revision 1 is still in status: {new['tuning']}"
+        for c in new["conditions"]:
+            assert c["reason"] not in ("Succeeded", "DatasetInvalid"), c
+
+
+async def test_a_job_the_workspace_does_not_own_is_never_touched(kmock, kubeconfig):
+    import asyncio
+
+    foreign = {"apiVersion": "batch/v1", "kind": "Job",
+               "metadata": {"name": NAME, "namespace": "default", "labels": {manifests.LABEL_WORKSPACE: NAME},
+                            "annotations": {manifests.ANNOTATION_SPEC_HASH: "someone-elses"}},
+               "spec": {"template": {"spec": {"restartPolicy": "Never",
+                                              "containers": [{"name": "x", "image": "busybox"}]}}}}
+    await asyncio.to_thread(batch().create_namespaced_job, "default", foreign)
+    uid = job_of(kmock)["metadata"]["uid"]
+    async with running_operator(SETTINGS):
+        await push_secret()
+        await apply_quick_start()
+        st = await eventually(lambda: cond(status(kmock), "WorkspaceSucceeded").get("reason") == "JobConflict"
+                              and status(kmock))
+        assert "not owned by this workspace" in cond(st, "WorkspaceSucceeded")["message"]
+    assert job_of(kmock)["metadata"]["uid"] == uid  # not deleted, not replaced
+    assert not [r for r in kmock if r.resource is not None and r.resource.plural == "jobs"
+                and r.action.name in ("DELETE", "UPDATE")]
+
+
+async def test_a_failing_handler_leaves_a_condition_and_an_event(kmock, kubeconfig, monkeypatch):
+    from kaito_tuning.controller import reconciler
+
+    def broken(*a, **k):
+        raise RuntimeError("presets unreadable: https://h/p?token=SECRET")
+
+    monkeypatch.setattr(reconciler, "validate_workspace", broken)
+    async with running_operator(SETTINGS):
+        await apply_quick_start()
+        st = await eventually(lambda: cond(status(kmock), "WorkspaceSucceeded").get("reason") == "OperatorError"
+                              and status(kmock))
+        msg = cond(st, "WorkspaceSucceeded")["message"]
+        assert "presets unreadable" in msg and "SECRET" not in msg
+        ev = await eventually(lambda: [e for e in events_of(kmock) if e["reason"] == "OperatorError"])
+        assert ev[0]["type"] == "Warning" and "SECRET" not in ev[0]["message"]
 
 
 async def test_job_deleted_by_hand_is_recreated(kmock, kubeconfig):
     async with running_operator(SETTINGS):
         await push_secret()
-        await kubectl("apply", "-f", QUICK)
+        await apply_quick_start()
         job1 = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME))
         await kubectl("delete", "job", NAME)
         job2 = await eventually(lambda: (j := get_obj(kmock, JOBS, "default", NAME)) and
@@ -277,7 +354,7 @@ async def test_job_deleted_by_hand_is_recreated(kmock, kubeconfig):
 async def test_deleting_the_workspace_removes_its_job(kmock, kubeconfig):
     async with running_operator(SETTINGS):
         await push_secret()
-        await kubectl("apply", "-f", QUICK)
+        await apply_quick_start()
         await eventually(lambda: get_obj(kmock, JOBS, "default", NAME))
         await kubectl("delete", "workspace", NAME)
         await eventually(lambda: get_obj(kmock, JOBS, "default", NAME) is None)
@@ -289,7 +366,7 @@ async def test_nodeclaim_provisioned_waited_for_and_released(kmock, kubeconfig):
     settings = Settings(retry_delay_seconds=0.5, node_auto_provisioning=True)
     async with running_operator(settings):
         await push_secret()
-        await kubectl("apply", "-f", QUICK)
+        await apply_quick_start()
         claims = await eventually(lambda: list_objs(kmock, "karpenter.sh/v1/nodeclaims"))
         claim = claims[0]
         assert claim["spec"]["requirements"][0]["values"] == ["Standard_NC6s_v3"]
@@ -302,8 +379,7 @@ async def test_nodeclaim_provisioned_waited_for_and_released(kmock, kubeconfig):
             claim["metadata"]["name"], {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
         job = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME), 15)
         await eventually(lambda: cond(status(kmock), "NodeClaimReady").get("status") == "True")
-        await make_pod(job, "Succeeded", statuses=[terminated("push", 0, '{"image": "x/y:1", "digest": "sha256:00"}')])
-        await set_job_status(NAME, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+        await publish(PodSim(job).succeed('{"image": "x/y:1", "digest": "sha256:00"}'), job=job)
         await eventually(lambda: status(kmock).get("state") == "Succeeded")
         await eventually(lambda: not list_objs(kmock, "karpenter.sh/v1/nodeclaims"))  # OnCompletion release
 

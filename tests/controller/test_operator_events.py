@@ -11,7 +11,7 @@ import pytest
 from fixtures_k8s import Emulator, eventually, get_obj, kubectl, running_operator
 from kmock._internal import enums
 
-from kaito_tuning.controller.reconcile import SeenObjects
+from kaito_tuning.controller.seen import SeenObjects
 from kaito_tuning.controller.settings import Settings
 
 QUICK = "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
@@ -44,7 +44,7 @@ def test_only_status_relevant_changes_count():
 @pytest.mark.timeout(120)
 async def test_one_workspace_one_reconcile_until_its_job_changes(kmock, kubeconfig):
     await asyncio.to_thread(kubernetes.client.CoreV1Api().create_namespaced_secret, "default", {
-        "metadata": {"name": "ACR_REGISTRY_SECRET_HERE"}, "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": "acr-push"}, "type": "kubernetes.io/dockerconfigjson",
         "data": {".dockerconfigjson": base64.b64encode(b'{"auths": {}}').decode()}})
 
     def status_writes() -> int:
@@ -52,7 +52,7 @@ async def test_one_workspace_one_reconcile_until_its_job_changes(kmock, kubeconf
                    and r.resource.plural == "workspaces")
 
     async with running_operator(Settings(retry_delay_seconds=0.5)):
-        await kubectl("apply", "-f", QUICK)
+        await kubectl("apply", "-f", "-", input=open(QUICK).read().replace("ACR_REGISTRY_SECRET_HERE", "acr-push"))
         await eventually(lambda: get_obj(kmock, "batch/v1/jobs", "default", NAME))
         await eventually(status_writes)
         await asyncio.sleep(1.5)  # the Job's ADDED event has long arrived (kopf batches events for 0.1 s)

@@ -1,0 +1,157 @@
+"""The kopf handlers: each a few lines that call ``Reconciler`` and write what it computed.
+
+What triggers a reconcile: the workspace's create/update/resume, an event of a Job, Deployment or pod
+labelled ``kaito.sh/workspace`` that changes something its status is computed from (``SeenObjects``;
+a deletion always does, so a Job deleted by hand is recreated at once), and a timer that polls the
+tuner's ``/progress`` while the workspace is Running. A ConfigMap, secret or node that is not there
+yet is shown in status and re-checked every ``retry_delay_seconds`` (kopf.TemporaryError), never in
+a hot loop. Workspaces are watched in the storage version (v1beta1): the API server serves every
+workspace, applied as v1alpha1 or v1beta1, through it.
+
+Every status write replaces the previous status (``decisions.status_patch``); every phase change and
+every failure is an Event on the Workspace and a JSON log line; a handler that raises leaves a status
+condition saying why (``OperatorError``) before kopf retries it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import kopf
+import kubernetes
+
+from kaito_tuning.contract import FINALIZER, LABEL_WORKSPACE
+from kaito_tuning.controller import decisions as d
+from kaito_tuning.controller import logs
+from kaito_tuning.controller import status as st
+from kaito_tuning.controller.reconciler import Outcome, Reconciler, ws_key
+from kaito_tuning.controller.settings import Settings, from_env
+from kaito_tuning.errors import KaitoError, UserError
+from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION
+
+
+def _post(body, outcome: Outcome) -> None:
+    for e in outcome.events:
+        kopf.event(body, type=e["type"], reason=e["reason"], message=e["message"])
+
+
+def _reported(fn):
+    """A handler whose failure leaves a status condition, an Event and a log line, then is retried by kopf."""
+    @functools.wraps(fn)
+    def wrapper(body, patch, **kwargs):
+        try:
+            return fn(body=body, patch=patch, **kwargs)
+        except (kopf.TemporaryError, kopf.PermanentError):
+            raise
+        except Exception as e:  # noqa: BLE001 - reported, then retried
+            reason = getattr(e, "reason", None) if isinstance(e, KaitoError) else None
+            reason = reason or "OperatorError"
+            message = d.clip(f"the operator failed to reconcile this workspace: {e}; it retries (see its log)")
+            prev = dict(body.get("status") or {})
+            new = d.error_status(prev, inference="inference" in body, reason=reason, message=message,
+                                 generation=body.get("metadata", {}).get("generation"))
+            patch.status.update(d.status_patch(prev, new))
+            logs.failure(ws_key(body), reason, message, e)
+            kopf.event(body, type="Warning", reason=reason, message=message)
+            raise kopf.TemporaryError(message, delay=30) from e
+    return wrapper
+
+
+def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
+             api_client=None) -> kopf.OperatorRegistry:
+    """Register the handlers into ``registry`` (a fresh one by default) and return it."""
+    registry = registry or kopf.OperatorRegistry()
+    rec = Reconciler(settings, api_client)
+    wsres = (GROUP, STORAGE_VERSION, PLURAL)
+    labelled = {LABEL_WORKSPACE: kopf.PRESENT}
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs):
+        return kopf.login_via_client(**kwargs)
+
+    @kopf.on.startup(registry=registry)
+    def configure(settings: kopf.OperatorSettings, **_):
+        settings.persistence.finalizer = FINALIZER
+        settings.posting.enabled = True  # our kopf.event() calls: phase changes and failures
+        settings.posting.loggers = False  # not every log line
+
+    @kopf.on.resume(*wsres, registry=registry)
+    @kopf.on.create(*wsres, registry=registry)
+    @kopf.on.update(*wsres, registry=registry)
+    @_reported
+    def reconcile_workspace(body, patch, **_):
+        outcome = rec.reconcile(body)
+        patch.status.update(d.status_patch(body.get("status"), outcome.status))
+        _post(body, outcome)
+        if outcome.retry_after:
+            raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
+
+    @kopf.on.delete(*wsres, registry=registry, optional=not settings.node_auto_provisioning)
+    def release_nodes(body, **_):
+        if settings.node_auto_provisioning:
+            rec.release(body)
+
+    @kopf.timer(*wsres, registry=registry, interval=settings.progress_poll_seconds, initial_delay=1,
+                when=lambda status, **_: status.get("state") == st.RUNNING)
+    @_reported
+    def poll_progress(body, patch, **_):
+        if (progress := rec.poll_progress(body)) is not None:
+            outcome = rec.reconcile(body, progress=progress)
+            patch.status.update(d.status_patch(body.get("status"), outcome.status))
+            _post(body, outcome)
+
+    def refresher(kind: str):
+        def refresh(body, type, **_):
+            owner = _owner_workspace(body)
+            if owner is None or not rec.seen.changed(kind, body, deleted=type == "DELETED"):
+                return
+            ws = rec.get_workspace(*owner)
+            if ws is None or ws["metadata"].get("deletionTimestamp"):
+                return
+            try:
+                outcome = rec.reconcile(ws)
+            except Exception as e:  # noqa: BLE001 - the workspace's own handler reports and retries
+                logs.failure(ws_key(ws), "OperatorError", f"reconcile after a {kind} event failed: {d.clip(e)}", e)
+                return
+            rec.write_status(*owner, ws.get("status"), outcome.status)
+            _post(ws, outcome)
+        refresh.__name__ = f"refresh_from_{kind.lower()}"  # kopf's handler id
+        return refresh
+
+    kopf.on.event("batch", "v1", "jobs", labels=labelled, registry=registry)(refresher("Job"))
+    kopf.on.event("apps", "v1", "deployments", labels=labelled, registry=registry)(refresher("Deployment"))
+    kopf.on.event("", "v1", "pods", labels=labelled, registry=registry)(refresher("Pod"))
+
+    if settings.webhook_port:
+        from kaito_tuning.controller.admission import register_admission
+        register_admission(settings, registry)
+    return registry
+
+
+def _owner_workspace(body) -> tuple[str, str] | None:
+    labels = (body.get("metadata") or {}).get("labels") or {}
+    name = labels.get(LABEL_WORKSPACE)
+    return (body["metadata"].get("namespace") or "default", name) if name else None
+
+
+def cli_operator(args) -> int:
+    """``kaito-tuning operator``: JSON logs, the cluster's credentials, then the handlers until interrupted."""
+    import asyncio
+
+    settings = from_env()
+    logs.configure(settings.log_level)
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        try:
+            kubernetes.config.load_kube_config()
+        except (kubernetes.config.ConfigException, OSError) as e:
+            raise UserError(f"no cluster to talk to: not in a pod and no usable kubeconfig ({e})",
+                            field="KUBECONFIG") from None
+    registry = register(settings)
+    logs.log.info("operator starting", extra={"namespaces": args.namespace or "all", "settings": {
+        "webhook": settings.webhook_port or None, "nodeAutoProvisioning": settings.node_auto_provisioning}})
+    asyncio.run(kopf.operator(registry=registry, standalone=args.standalone,
+                              namespaces=args.namespace, clusterwide=not args.namespace,
+                              liveness_endpoint=args.liveness))
+    return 0
