@@ -99,3 +99,49 @@ async def test_through_kopfs_webhook_server(kmock, kubeconfig):
         res = await asyncio.to_thread(_post, url, _review_request(new, quick(), "UPDATE"))
         assert res["response"]["allowed"] is False
         assert "tuning.method" in res["response"]["status"]["message"]
+
+
+@pytest.mark.kmock(cls=Emulator)
+@pytest.mark.timeout(60)
+async def test_managed_configuration_trusts_the_generated_certificate(kmock, kubeconfig):
+    """No cert-manager: kopf serves TLS with a generated certificate for the Service's DNS name and writes a
+    ValidatingWebhookConfiguration (Service reference + caBundle) that verifies it, as the API server will."""
+    import base64
+    import socket
+    import ssl
+
+    from fixtures_k8s import eventually, get_obj
+
+    port = _free_port()
+    settings = Settings(webhook_port=port, webhook_service="kaito-tuning/kaito-tuning-webhook",
+                        webhook_configuration="kaito-tuning.kaito.sh")
+    async with running_operator(settings):
+        hooks = await eventually(lambda: (c := get_obj(
+            kmock, "admissionregistration.k8s.io/v1/validatingwebhookconfigurations", None, "kaito-tuning.kaito.sh"))
+            and c.get("webhooks"), timeout=30)
+        by_path = {h["clientConfig"]["service"]["path"]: h for h in hooks}
+        hook = by_path["/validate-v1beta1"]
+        assert hook["clientConfig"]["service"] == {"name": "kaito-tuning-webhook", "namespace": "kaito-tuning",
+                                                   "port": 443, "path": "/validate-v1beta1"}
+        assert hook["failurePolicy"] == "Fail" and hook["rules"][0]["apiGroups"] == ["kaito.sh"]
+        ctx = ssl.create_default_context(cadata=base64.b64decode(hook["clientConfig"]["caBundle"]).decode())
+
+        def review(obj):
+            raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+            tls = ctx.wrap_socket(raw, server_hostname="kaito-tuning-webhook.kaito-tuning.svc")
+            body = json.dumps(_review_request(obj, None, "CREATE")).encode()
+            tls.sendall(b"POST /validate-v1beta1 HTTP/1.1\r\nHost: kaito-tuning-webhook.kaito-tuning.svc\r\n"
+                        b"Content-Type: application/json\r\nConnection: close\r\n"
+                        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            tls.close()
+            return json.loads(data.split(b"\r\n\r\n", 1)[1])
+
+        res = await asyncio.to_thread(review, quick())
+        assert res["response"]["allowed"] is True
+        bad = quick()
+        bad["tuning"]["method"] = "nope"
+        res = await asyncio.to_thread(review, bad)
+        assert res["response"]["allowed"] is False and "tuning.method" in res["response"]["status"]["message"]

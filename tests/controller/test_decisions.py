@@ -189,3 +189,65 @@ def test_log_lines_are_json_with_the_decision_and_redacted():
     assert lines[0]["level"] == "INFO" and lines[0]["workspace"] == "default/w" and lines[0]["decision"] == "create-job"
     assert lines[0]["revision"] == 2 and "SECRET" not in lines[0]["message"]
     assert lines[1]["level"] == "ERROR" and lines[1]["reason"] == "OperatorError"
+
+
+# ------------------------------------------------------------------ the progress poll (issue 11, item 8)
+
+@pytest.fixture
+def server():
+    """A tuner stand-in whose /progress answer is set per test: ok, trickling, redirecting, huge."""
+    import http.server
+    import threading
+    import time
+
+    mode = {"kind": "ok"}
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            kind = mode["kind"]
+            if kind == "redirect":
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
+            body = b'{"step": 3, "total_steps": 9}' if kind != "huge" else b'{"x": "' + b"a" * 200_000 + b'"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            if kind == "trickle":  # one byte per 0.5 s: each read is quick, the whole answer is not
+                for b in body:
+                    self.wfile.write(bytes([b]))
+                    self.wfile.flush()
+                    time.sleep(0.5)
+            else:
+                self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv.server_address[1], mode
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_progress_read_has_one_deadline_and_follows_no_redirect(server):
+    import time
+
+    from kaito_tuning.controller.reconciler import read_progress
+
+    port, mode = server
+    assert read_progress("127.0.0.1", port) == {"step": 3, "total_steps": 9}
+    mode["kind"] = "trickle"
+    t = time.monotonic()
+    with pytest.raises(OSError):
+        read_progress("127.0.0.1", port, deadline=1.0)
+    assert time.monotonic() - t < 2.0, "a trickling pod held the poll past its deadline"
+    mode["kind"] = "redirect"
+    with pytest.raises(ValueError, match="HTTP 302"):
+        read_progress("127.0.0.1", port)
+    mode["kind"] = "huge"
+    with pytest.raises(ValueError, match="larger than"):
+        read_progress("127.0.0.1", port)
