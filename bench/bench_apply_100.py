@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 EXAMPLE = ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"
 JOBS = "batch/v1/jobs"
+PUSH_SECRET = "acr-push"
 
 
 # ------------------------------------------------------------------ the emulator's process
@@ -104,7 +105,7 @@ def _use_cluster(url: str, tmp: str) -> None:
     kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = str(cfg)
     kubernetes.config.load_kube_config(config_file=str(cfg))
     kubernetes.client.CoreV1Api().create_namespaced_secret("default", {
-        "metadata": {"name": "ACR_REGISTRY_SECRET_HERE"}, "type": "kubernetes.io/dockerconfigjson",
+        "metadata": {"name": PUSH_SECRET}, "type": "kubernetes.io/dockerconfigjson",
         "data": {".dockerconfigjson": base64.b64encode(b'{"auths": {}}').decode()}})
 
 
@@ -112,6 +113,7 @@ def _documents(n: int) -> str:
     import yaml
 
     base = yaml.safe_load(EXAMPLE.read_text())
+    base["tuning"]["output"]["imagePushSecret"] = PUSH_SECRET  # the quick start's placeholder is not a name
     docs = []
     for i in range(n):
         base["metadata"]["name"] = f"bench-{i:03d}"
