@@ -44,12 +44,7 @@ def _reported(fn):
         except (kopf.TemporaryError, kopf.PermanentError):
             raise
         except Exception as e:  # noqa: BLE001 - reported, then retried
-            reason = getattr(e, "reason", None) if isinstance(e, KaitoError) else None
-            reason = reason or "OperatorError"
-            message = d.clip(f"the operator failed to reconcile this workspace: {e}; it retries (see its log)")
-            prev = dict(body.get("status") or {})
-            new = d.error_status(prev, inference="inference" in body, reason=reason, message=message,
-                                 generation=body.get("metadata", {}).get("generation"))
+            prev, new, reason, message = _failure_status(body, e)
             patch.status.update(d.status_patch(prev, new))
             logs.failure(ws_key(body), reason, message, e)
             kopf.event(body, type="Warning", reason=reason, message=message)
@@ -92,7 +87,8 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
             rec.release(body)
 
     @kopf.timer(*wsres, registry=registry, interval=settings.progress_poll_seconds, initial_delay=1,
-                when=lambda status, **_: status.get("state") == st.RUNNING)
+                when=lambda status, **_: status.get("state") == st.RUNNING and
+                (status.get("tuning") or {}).get("stage") == "training")
     @_reported
     def poll_progress(body, patch, **_):
         if (progress := rec.poll_progress(body)) is not None:
@@ -110,8 +106,8 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
                 return
             try:
                 outcome = rec.reconcile(ws)
-            except Exception as e:  # noqa: BLE001 - the workspace's own handler reports and retries
-                logs.failure(ws_key(ws), "OperatorError", f"reconcile after a {kind} event failed: {d.clip(e)}", e)
+            except Exception as e:  # noqa: BLE001 - reported here; the next event or the timer retries
+                _report_failure(rec, ws, e)
                 return
             rec.write_status(*owner, ws.get("status"), outcome.status)
             _post(ws, outcome)
@@ -126,6 +122,27 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
         from kaito_tuning.controller.admission import register_admission
         register_admission(settings, registry)
     return registry
+
+
+def _failure_status(body, e: Exception) -> tuple[dict, dict, str, str]:
+    """(previous status, new status, reason, message) after a reconcile of ``body`` raised ``e``."""
+    reason = (getattr(e, "reason", None) if isinstance(e, KaitoError) else None) or "OperatorError"
+    message = d.clip(f"the operator failed to reconcile this workspace: {e}; it retries (see its log)")
+    prev = dict(body.get("status") or {})
+    new = d.error_status(prev, inference="inference" in body, reason=reason, message=message,
+                         generation=(body.get("metadata") or {}).get("generation"))
+    return prev, new, reason, message
+
+
+def _report_failure(rec: Reconciler, ws: dict, e: Exception) -> None:
+    """A failed reconcile outside the workspace's own handler: condition, Event and log line all the same."""
+    prev, new, reason, message = _failure_status(ws, e)
+    logs.failure(ws_key(ws), reason, message, e)
+    kopf.event(ws, type="Warning", reason=reason, message=message)
+    try:
+        rec.write_status(ws["metadata"].get("namespace") or "default", ws["metadata"]["name"], prev, new)
+    except Exception as again:  # noqa: BLE001 - the API server is the problem: the log line is what is left
+        logs.failure(ws_key(ws), "StatusWriteFailed", f"cannot write the failure to status: {d.clip(again)}", again)
 
 
 def _owner_workspace(body) -> tuple[str, str] | None:
