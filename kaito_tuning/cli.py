@@ -28,6 +28,13 @@ def _render(p):
     p.add_argument("--tuner-image", default=None, help="tuner image (default: the operator's default)")
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _run(p):
     p.add_argument("file", metavar="WORKSPACE.yaml", help="a tuning Workspace, and optionally its ConfigMap")
     p.add_argument("--output-dir", default=None, help="where the adapter is written (default ./<workspace-name>-adapter)")
@@ -37,6 +44,8 @@ def _run(p):
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registry (local registries)")
     p.add_argument("--no-push", action="store_true", help="do not push to output.image even if it is set")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=_positive, default=1,
+                   help="training processes on this machine (torch.distributed; gloo on CPUs, one per GPU)")
     p.add_argument("--allow-private-urls", action="store_true",
                    help="allow dataset URLs on loopback/private addresses (refused by default, as in the Job)")
 
@@ -44,6 +53,12 @@ def _run(p):
 def _job(p):
     p.add_argument("step", choices=["download", "train", "push"],
                    help="the Job step to run (reads the workspace from $KAITO_WORKSPACE)")
+    g = p.add_argument_group("several training processes (train step; torchrun)")
+    g.add_argument("--nproc-per-node", type=_positive, default=1, help="processes on this node: one per GPU")
+    g.add_argument("--nnodes", type=_positive, default=1, help="nodes in the gang")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's index (the Indexed Job's completion index)")
+    g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT", help="node 0's rendezvous address")
+    g.add_argument("--rdzv-id", default="kaito-tuning", help="the gang's rendezvous id")
 
 
 def _push(p):

@@ -49,6 +49,8 @@ ENV_CACHE_DIR = "KAITO_CACHE_DIR"
 ENV_PRESETS_DIR = "KAITO_PRESETS_DIR"
 ENV_MAX_DOWNLOAD_BYTES = "KAITO_MAX_DOWNLOAD_BYTES"
 ENV_ALLOW_PRIVATE_URLS = "KAITO_ALLOW_PRIVATE_URLS"  # dataset URLs on private addresses: off unless set
+ENV_LOCAL_RUN = "KAITO_LOCAL_RUN"  # the Job's step run by `kaito-tuning run` on the user's machine (hostPath ok)
+ENV_MAX_STEPS = "KAITO_MAX_STEPS"  # stop after this many optimizer steps (local runs, tests)
 ENV_PREFETCH_WEIGHTS = "KAITO_PREFETCH_WEIGHTS"  # the download step also fills the weights cache (HF_HOME)
 
 # ---- the adapter directory (what training writes, what is pushed, what serving loads)

@@ -11,7 +11,7 @@ def cli_run(args) -> int:
     from kaito_tuning.tuner.local import run_local
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run_local(load_documents(args.file), output_dir=args.output_dir, max_steps=args.max_steps,
+    result = run_local(load_documents(args.file), output_dir=args.output_dir, max_steps=args.max_steps, nproc=args.nproc,
                        model_dir=args.model_dir, pull_auth=args.auth_file, push_auth=args.auth_file,
                        plain_http=args.plain_http, allow_private_urls=args.allow_private_urls,
                        push=not args.no_push, show_progress=not args.no_progress)
@@ -24,10 +24,13 @@ def cli_run(args) -> int:
 
 
 def cli_job(args) -> int:
+    from kaito_tuning.tuner.distributed import Topology
     from kaito_tuning.tuner.job import run_step
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return run_step(args.step)
+    topo = Topology(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
+                    rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
+    return run_step(args.step, topo)
 
 
 def _fmt(v) -> str:

@@ -25,7 +25,7 @@ from kaito_tuning.errors import KaitoError, UserError
 from kaito_tuning.spec.rules import load_workspace
 from kaito_tuning.spec.training_config import load_config
 from kaito_tuning.spec.workspace import Workspace
-from kaito_tuning.tuner import pipeline
+from kaito_tuning.tuner import distributed, pipeline
 from kaito_tuning.tuner.progress import Progress, progress_port, write_termination
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,8 @@ def workspace_from_env() -> Workspace:
         obj = json.loads(raw)
     except ValueError as e:
         raise UserError(f"is not valid JSON ({e})", field=c.ENV_WORKSPACE) from None
-    ws = load_workspace(obj)
+    # a local multi-process run (``kaito-tuning run --nproc``) runs this step on the user's machine
+    ws = load_workspace(obj, local=_flag(c.ENV_LOCAL_RUN))
     if ws.tuning is None:
         raise UserError("the workspace has no tuning section", field=c.ENV_WORKSPACE)
     return ws
@@ -73,10 +74,13 @@ def plan_from_env() -> pipeline.Plan:
         plain_http=_flag(c.ENV_PLAIN_HTTP),
         allow_private_urls=_flag(c.ENV_ALLOW_PRIVATE_URLS),
         prefetch_weights=_flag(c.ENV_PREFETCH_WEIGHTS),
+        max_steps=int(os.environ[c.ENV_MAX_STEPS]) if os.environ.get(c.ENV_MAX_STEPS) else None,
     )
 
 
 def train(plan: pipeline.Plan) -> dict:
+    if not distributed.is_main():  # another rank reports progress and results
+        return pipeline.train_step(plan, progress=None, show_progress=False).to_dict()
     progress = Progress(plan.output_dir / c.PROGRESS_FILE)
     progress.serve(progress_port())
     try:
@@ -90,8 +94,15 @@ def train(plan: pipeline.Plan) -> dict:
     return outcome.to_dict()
 
 
-def run_step(step: str) -> int:
-    """Run one step; report its result or failure in the termination log."""
+def run_step(step: str, topology: distributed.Topology | None = None) -> int:
+    """Run one step; report its result or failure in the termination log.
+
+    A train step with more than one process (``topology``) re-launches itself under torchrun, once
+    per process of this node; each of those runs this function again as one rank.
+    """
+    topo = topology or distributed.Topology()
+    if step == "train" and topo.world_size > 1 and not distributed.is_rank():
+        return distributed.launch(topo, ["job", "train"])
     try:
         plan = plan_from_env()
         if step == "download":
@@ -102,11 +113,15 @@ def run_step(step: str) -> int:
         else:
             pushed = pipeline.push_step(plan)
             result = {"image": pushed.reference, "digest": pushed.digest}
-        write_termination(result)
+        if distributed.is_main():
+            write_termination(result)
+        distributed.record_exit(0)
         return 0
     except KaitoError as e:
         write_termination(redact.text(e.one_line()))
+        distributed.record_exit(e.exit_code)
         raise
     except Exception as e:
         write_termination(redact.text(f"Error: {step} step failed: {type(e).__name__}: {e}"))
+        distributed.record_exit(1)
         raise

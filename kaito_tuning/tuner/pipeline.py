@@ -143,7 +143,7 @@ def prepare_data(plan: Plan):
     return prepare(files, ds_cfg)
 
 
-def train_step(plan: Plan, *, progress: Progress, show_progress: bool = False) -> TrainOutcome:
+def train_step(plan: Plan, *, progress: Progress | None, show_progress: bool = False) -> TrainOutcome:
     """Train the adapter into ``plan.output_dir``, unless a complete adapter of this very run is there."""
     from kaito_tuning.tuner.checkpoints import fingerprint
 

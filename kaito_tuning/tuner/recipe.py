@@ -35,6 +35,7 @@ from kaito_tuning import redact
 from kaito_tuning.contract import ADAPTER_CONFIG, METADATA_FILE
 from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
+from kaito_tuning.tuner import distributed
 from kaito_tuning.tuner.base_model import load_base, model_dir_from_config, resolve_dtype, resolve_preset
 from kaito_tuning.tuner.checkpoints import CHECKPOINTS, fingerprint, newest_checkpoint, prepare_checkpoints
 from kaito_tuning.tuner.formats import Splits
@@ -76,17 +77,23 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     from trl import SFTConfig, SFTTrainer
 
     p = resolve_preset(preset)
+    on_gpu = torch.cuda.is_available()
+    distributed.init(on_gpu)  # one of several processes (torchrun): join the group first
+    if not distributed.is_main():
+        progress, show_progress = None, False  # the first process alone reports
     out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_adapter(out)
     fp = fingerprint(p.name, method, config, data.digests, max_steps)
-    ckpt_dir = prepare_checkpoints(out / CHECKPOINTS, fp)
+    ckpt_dir = out / CHECKPOINTS
+    if distributed.is_node_main():  # each node prepares its own output directory
+        out.mkdir(parents=True, exist_ok=True)
+        clear_adapter(out)
+        prepare_checkpoints(ckpt_dir, fp)
+    distributed.barrier()
     user_args = config.section("TrainingArguments")
     seed = int(user_args.get("seed", 42))
     set_seed(seed)
 
     # ---- 1. hardware and the base model
-    on_gpu = torch.cuda.is_available()
     mcfg = config.model()
     dtype = resolve_dtype(mcfg.dtype or mcfg.torch_dtype)
     if not on_gpu and dtype != torch.float32:
@@ -102,7 +109,9 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
 
     def load(attn_implementation: str):
         with out_of_memory_is_fatal():
-            return load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype, device="cuda" if on_gpu else "cpu",
+            # each rank's model (QLoRA's quantized one too) on its own GPU
+            device = f"cuda:{distributed.local_rank()}" if on_gpu else "cpu"
+            return load_base(p, model_dir=base_dir, quantization=quant, dtype=dtype, device=device,
                              model_kwargs={**model_kwargs, "attn_implementation": attn_implementation})
 
     try:
@@ -158,7 +167,12 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
                 progress.update(phase="evaluating")
             final_eval = trainer.evaluate()["eval_loss"]
 
-    # ---- 6. the adapter, staged then moved into place
+    # ---- 6. the adapter, staged then moved into place (by the first process alone)
+    if not distributed.is_main():
+        distributed.barrier()
+        return TrainResult(adapter_dir=str(out), steps=trainer.state.global_step, train_loss=None, eval_loss=final_eval,
+                           initial_eval_loss=initial_eval, tokens_per_second=None, loss_curve=None,
+                           resumed_from_step=resumed_step)
     if progress:
         progress.update(phase="saving", eval_loss=final_eval)
     history = trainer.state.log_history
@@ -178,6 +192,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "resumed_from_step": resumed_step,
         "train_loss": train_loss, "initial_eval_loss": initial_eval, "eval_loss": final_eval,
         "tokens_per_second": tokens_per_s, "train_seconds": round(seconds, 1), "seed": seed,
+        "tokens_seen": _last(history, "num_tokens"), "processes": distributed.world_size(),
+        "nodes": distributed.nnodes(),
         "fingerprint": fp, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     stage = out / f".adapter-{os.getpid()}.tmp"
@@ -189,6 +205,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     (stage / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=str))
     (stage / MODEL_CARD).write_text(model_card(meta))
     publish(stage, out)
+    distributed.barrier()
     return TrainResult(adapter_dir=str(out), steps=trainer.state.global_step, train_loss=train_loss,
                        eval_loss=final_eval, initial_eval_loss=initial_eval, tokens_per_second=tokens_per_s,
                        loss_curve=str(out / LOSS_CURVE) if curve else None, resumed_from_step=resumed_step,
@@ -264,6 +281,13 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
     args.update({k: v for k, v in user.items() if k != "output_dir"})
     args["output_dir"] = str(ckpt_dir)
     args["disable_tqdm"] = not show_progress
+    if distributed.world_size() > 1:
+        # LoRA leaves most parameters frozen: DDP need not search for unused ones (Kaito sets this too);
+        # several nodes keep checkpoints each (no shared disk), so every rank can resume
+        args.setdefault("ddp_find_unused_parameters", False)
+        args.setdefault("ddp_timeout", int(os.environ.get(distributed.ENV_DIST_TIMEOUT) or distributed.DEFAULT_TIMEOUT_S))
+        if distributed.nnodes() > 1:
+            args["save_on_each_node"] = True
     args["assistant_only_loss"] = loss_mask == "assistant_only"
     if loss_mask == "completion_only":
         args.setdefault("completion_only_loss", True)

@@ -1,0 +1,164 @@
+"""More than one training process: torchrun (torch.distributed's elastic launcher) and the rank rules.
+
+One process per GPU of a node (``--nproc-per-node``), on one node or several (``--nnodes``,
+``--node-rank``, a c10d rendezvous at node 0's address): the train step re-launches itself under
+``python -m torch.distributed.run`` and each rank runs the same train step. The HF Trainer then
+trains with DDP (gloo on CPUs, NCCL on GPUs); the global batch is
+``per_device_train_batch_size × gradient_accumulation_steps × processes``.
+
+Who does what:
+
+- every rank prepares the same data (deterministically) and trains its shard;
+- the first process of each node (``LOCAL_RANK`` 0) prepares that node's output directory, and every
+  node keeps its own checkpoints (``save_on_each_node``), so every rank can resume after a restart;
+- the first process of all (``RANK`` 0) alone reports progress, writes the adapter, the metadata and
+  the termination log (and, in the Job, the push step reads what it wrote).
+
+A rank that dies takes the gang down: torchrun stops the node's other workers at once, and ranks on
+other nodes leave their collectives after ``$KAITO_DIST_TIMEOUT_SECONDS`` (default 300 s), so nothing
+waits forever; the Job's retry resumes every rank from the newest checkpoint.
+
+torchrun turns every worker failure into exit code 1; each rank therefore writes its own exit code
+to ``$KAITO_RANK_EXIT_DIR`` and the launcher returns the most telling one (65 or 66: do not retry;
+75: retry), so the Job's failure policy sees what happened.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_TRANSIENT, EXIT_USER_ERROR
+
+log = logging.getLogger(__name__)
+
+ENV_RANK_EXIT_DIR = "KAITO_RANK_EXIT_DIR"
+ENV_DIST_TIMEOUT = "KAITO_DIST_TIMEOUT_SECONDS"
+DEFAULT_TIMEOUT_S = 300
+#: which exit code wins when ranks disagree: the user's error first (the Job must not retry it)
+_PRIORITY = (EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY, EXIT_TRANSIENT)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """How many training processes, on how many nodes, and where they meet."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None  # host:port of node 0 (several nodes)
+    rdzv_id: str = "kaito-tuning"
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+
+# ---- inside a rank
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def nnodes() -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size())))
+    return max(1, world_size() // max(1, local))
+
+
+def is_rank() -> bool:
+    """Whether this process is one of several started by torchrun."""
+    return "LOCAL_RANK" in os.environ and world_size() > 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def is_node_main() -> bool:
+    return local_rank() == 0
+
+
+def init(on_gpu: bool) -> None:
+    """Join the process group (before the Trainer does, so our own barriers work), with a timeout."""
+    if not is_rank():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=float(os.environ.get(ENV_DIST_TIMEOUT) or DEFAULT_TIMEOUT_S))
+    if on_gpu:
+        import torch
+
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timeout)
+    log.info("rank %d of %d (local rank %d) joined", rank(), world_size(), local_rank())
+
+
+def barrier() -> None:
+    if not is_rank():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def record_exit(code: int) -> None:
+    """Leave this rank's exit code where the launcher reads it."""
+    where = os.environ.get(ENV_RANK_EXIT_DIR)
+    if where and is_rank():
+        Path(where, f"rank-{rank()}").write_text(str(code))
+
+
+# ---- the launcher
+
+def torchrun_argv(topo: Topology, command: list[str]) -> list[str]:
+    """``python -m torch.distributed.run … -m kaito_tuning.cli <command>``."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={topo.nproc_per_node}",
+            "--max-restarts=0"]
+    if topo.nnodes > 1:
+        if not topo.rdzv_endpoint:
+            raise ValueError("several nodes need a rendezvous endpoint (node 0's host:port)")
+        argv += [f"--nnodes={topo.nnodes}", f"--node-rank={topo.node_rank}", "--rdzv-backend=c10d",
+                 f"--rdzv-endpoint={topo.rdzv_endpoint}", f"--rdzv-id={topo.rdzv_id}"]
+    else:
+        argv += ["--standalone"]
+    return [*argv, "-m", "kaito_tuning.cli", *command]
+
+
+def launch(topo: Topology, command: list[str], *, env: dict[str, str] | None = None) -> int:
+    """Run ``kaito-tuning <command>`` as ``topo.nproc_per_node`` ranks of this node; the most telling exit code."""
+    with tempfile.TemporaryDirectory(prefix="kaito-ranks-") as exits:
+        full_env = {**os.environ, **(env or {}), ENV_RANK_EXIT_DIR: exits}
+        argv = torchrun_argv(topo, command)
+        log.info("launching %d process(es) on node %d of %d: %s", topo.nproc_per_node, topo.node_rank, topo.nnodes,
+                 " ".join(argv[1:]))
+        rc = subprocess.call(argv, env=full_env)
+        codes = [int(p.read_text() or 1) for p in Path(exits).glob("rank-*")]
+    return merge_exit_codes(rc, codes)
+
+
+def merge_exit_codes(launcher_rc: int, rank_codes: list[int]) -> int:
+    """0 only when every rank succeeded; else the highest-priority code any rank reported, else the launcher's."""
+    if launcher_rc == 0 and all(c == 0 for c in rank_codes):
+        return 0
+    for code in _PRIORITY:
+        if code in rank_codes:
+            return code
+    failed = [c for c in rank_codes if c != 0]
+    return failed[0] if failed else (launcher_rc or 1)
