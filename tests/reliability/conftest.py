@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from fixtures_data import messages_rows
 
 from kaito_tuning import retry
 
@@ -24,10 +27,12 @@ def pod(tmp_path, tiny_phi3, monkeypatch) -> JobPod:
 
 @pytest.fixture()
 def scripted(datasets_dir):
-    """A Scripted server holding chat.parquet, alpaca.parquet and chat.jsonl from the shared datasets."""
-    s = Scripted({f"/{name}": datasets_dir[key].read_bytes()
-                  for name, key in (("chat.parquet", "messages"), ("alpaca.parquet", "alpaca"),
-                                    ("chat.jsonl", "jsonl"))})
+    """A Scripted server holding chat.parquet, alpaca.parquet and chat.jsonl from the shared datasets, and
+    big.jsonl (about 190 KB: a cut after the first 64 KiB chunks leaves something to resume)."""
+    files = {f"/{name}": datasets_dir[key].read_bytes()
+             for name, key in (("chat.parquet", "messages"), ("alpaca.parquet", "alpaca"), ("chat.jsonl", "jsonl"))}
+    files["/big.jsonl"] = "".join(json.dumps(r) + "\n" for r in messages_rows(100)).encode()
+    s = Scripted(files)
     yield s
     s.close()
 
