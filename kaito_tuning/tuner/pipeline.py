@@ -16,20 +16,26 @@ failed push never retrains a finished adapter.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaito_tuning import redact
 from kaito_tuning.contract import LABEL_WORKSPACE, PROGRESS_FILE
 from kaito_tuning.errors import UserError
 from kaito_tuning.spec.presets import Preset, get_preset
 from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.spec.workspace import Workspace
+from kaito_tuning.tuner import distributed
 from kaito_tuning.tuner.inputs import DataFile, collect_dir, download_urls
 from kaito_tuning.tuner.outputs import completed_adapter
 from kaito_tuning.tuner.progress import Progress
 
 log = logging.getLogger(__name__)
+
+INPUTS_MARKER = ".kaito-inputs-key"  # beside a finished adapter: which run it is (``inputs_key``)
 
 
 @dataclass(frozen=True)
@@ -96,10 +102,35 @@ class RunResult:
 
 # ------------------------------------------------------------------ step 1: inputs (and weights)
 
+def inputs_key(plan: Plan) -> str:
+    """Names what a run was asked to do, before any data is read: preset, method, config, step limit and
+    the inputs as written (URLs redacted, so a re-signed URL of the same file is the same input)."""
+    inp = plan.workspace.tuning.input
+    doc = {"preset": plan.preset.name, "method": plan.method, "config": plan.config.sections,
+           "max_steps": plan.max_steps, "urls": [redact.url(u) for u in inp.urls or []], "image": inp.image,
+           "volume": inp.volume_source}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def finished(plan: Plan) -> dict | None:
+    """The metadata of the adapter this very run already finished in ``plan.output_dir``, else None.
+    A retried pod (a failed push, a lost node after training) then neither downloads nor trains again:
+    the dataset URLs may have expired by then."""
+    done = completed_adapter(plan.output_dir)
+    try:
+        marker = (plan.output_dir / INPUTS_MARKER).read_text().strip()
+    except OSError:
+        return None
+    return done if done is not None and marker == inputs_key(plan) else None
+
+
 def fetch_inputs(plan: Plan) -> list[DataFile] | None:
     """Bring the input to ``plan.data_dir``: download the URLs or pull the input image's /data.
     A volume input is already there (mounted in the Job, a hostPath locally): nothing to fetch.
     With ``prefetch_weights`` the base model's weights are made local here too."""
+    if finished(plan):
+        log.info("%s already holds the finished adapter of this run; not downloading again", plan.output_dir)
+        return None
     inp = plan.workspace.tuning.input
     files = None
     if inp.urls:
@@ -147,6 +178,12 @@ def train_step(plan: Plan, *, progress: Progress | None, show_progress: bool = F
     """Train the adapter into ``plan.output_dir``, unless a complete adapter of this very run is there."""
     from kaito_tuning.tuner.checkpoints import fingerprint
 
+    done = finished(plan)
+    if done:
+        log.info("%s already holds the adapter of this run (%s steps); not training again",
+                 plan.output_dir, done.get("steps"))
+        return TrainOutcome(output_dir=str(plan.output_dir), steps=done.get("steps"),
+                            train_loss=done.get("train_loss"), eval_loss=done.get("eval_loss"), already_trained=True)
     weights = fetch_weights(plan)  # a model that cannot be had fails here, before the data is read
     data = prepare_data(plan)
     fp = fingerprint(plan.preset.name, plan.method, plan.config, data.digests, plan.max_steps)
@@ -161,6 +198,8 @@ def train_step(plan: Plan, *, progress: Progress | None, show_progress: bool = F
     r = train(preset=plan.preset, method=plan.method, config=plan.config, data=data, output_dir=plan.output_dir,
               model_dir=str(weights), max_steps=plan.max_steps, progress=progress, show_progress=show_progress,
               workspace=plan.name)
+    if distributed.is_main():
+        (plan.output_dir / INPUTS_MARKER).write_text(inputs_key(plan) + "\n")
     return TrainOutcome(output_dir=r.adapter_dir, steps=r.steps, train_loss=r.train_loss, eval_loss=r.eval_loss,
                         loss_curve=r.loss_curve)
 

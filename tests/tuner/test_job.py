@@ -60,8 +60,18 @@ def test_download_train_push_and_retry_without_retraining(job_env, data_server, 
     assert job_env["log"].read_text().startswith("RegistryAuthFailed: ")
     assert (job_env["results"] / "adapter_config.json").is_file()
 
-    # the retried pod: train finds its adapter and does not train again; push succeeds
+    # the retried pod: the signed URLs have expired by now; download and train find the finished adapter
+    # and do neither again; push succeeds
+    from kaito_tuning.tuner import pipeline
+    from kaito_tuning.tuner.inputs import DownloadRefused
+
+    def expired(*a, **kw):
+        raise DownloadRefused("answered HTTP 403: the signature has expired", field="tuning.input.urls[0]")
+    monkeypatch.setattr(pipeline, "download_urls", expired)
     stamp = (job_env["results"] / "adapter_model.safetensors").stat().st_mtime_ns
+    assert main(["job", "download"]) == 0
+    for f in job_env["data"].iterdir():
+        f.unlink()  # a new pod: its data volume is empty
     assert main(["job", "train"]) == 0
     assert (job_env["results"] / "adapter_model.safetensors").stat().st_mtime_ns == stamp
     monkeypatch.setenv("KAITO_PUSH_AUTH_FILE", registry_auth_file)
