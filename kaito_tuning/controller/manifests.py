@@ -141,6 +141,11 @@ def _container(name: str, image: str, args: list[str], env: list[dict], mounts: 
          "resources": resources or {"requests": {"cpu": "100m", "memory": "256Mi"}}}
 
 
+def tuner_args(ws: Workspace) -> list[str]:
+    """``job train --nproc-per-node G``: one training process per GPU of the node (torchrun, DDP or FSDP)."""
+    return ["job", "train", "--nproc-per-node", str(gpu_count(ws))]
+
+
 def _gpu_resources(ws: Workspace, cpu: str, memory: str) -> dict:
     n = str(gpu_count(ws))
     return {"requests": {"cpu": cpu, "memory": memory, GPU_RESOURCE: n}, "limits": {GPU_RESOURCE: n}}
@@ -233,7 +238,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
                                           resources={"requests": {"cpu": "500m", "memory": "1Gi"}}))
 
     tuner = _container(
-        "tuner", image, ["job", "train"],
+        "tuner", image, tuner_args(ws),
         [*ws_env, {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
          *_model_env(ws, t.preset)],
         [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

@@ -159,3 +159,39 @@ def test_render_cli_bad_file(tmp_path, capsys):
     p.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
     assert cli.main(["render", str(p)]) == 65
     assert "holds no Workspace" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ every GPU of the node (issue 10.3 / 12.1)
+
+def _tuning_ws(instance_type: str, *, method: str = "qlora", preset: str = "phi-3-mini-128k-instruct", count: int = 1,
+               name: str = "workspace-tuning-phi-3"):
+    obj = yaml.safe_load(open("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"))
+    obj["metadata"].update(name=name, namespace="team-a")
+    obj["resource"]["instanceType"] = instance_type
+    obj["resource"]["count"] = count
+    obj["tuning"]["method"] = method
+    obj["tuning"]["preset"]["name"] = preset
+    obj["tuning"]["output"]["imagePushSecret"] = "acr-push"
+    return load_workspace(obj)
+
+
+@pytest.mark.parametrize("instance_type, gpus", [("Standard_NC12s_v3", 2), ("Standard_NC96ads_A100_v4", 4),
+                                                 ("Standard_ND96amsr_A100_v4", 8), ("Standard_NC6s_v3", 1)])
+def test_one_training_process_per_gpu(instance_type, gpus):
+    from kaito_tuning.spec.instances import get_instance_type
+
+    assert get_instance_type(instance_type).gpu_count == gpus
+    ws = _tuning_ws(instance_type)
+    job = manifests.tuning_job(ws, Settings(), load_config(None, "qlora"))
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    tuner = next(c for c in _all(_pod(job)) if c["name"] == "tuner")
+    assert tuner["args"] == ["job", "train", "--nproc-per-node", str(gpus)]
+    assert tuner["resources"]["limits"]["nvidia.com/gpu"] == str(gpus) == tuner["resources"]["requests"]["nvidia.com/gpu"]
+    # the args are the tuner's real options: torchrun gets one process per GPU
+    from kaito_tuning.tuner.distributed import Topology, torchrun_argv
+
+    args = cli.build_parser().parse_args(["job", *tuner["args"][1:]])
+    assert args.step == "train" and args.nproc_per_node == gpus and args.nnodes == 1
+    argv = torchrun_argv(Topology(nproc_per_node=args.nproc_per_node), ["job", "train"])
+    assert f"--nproc-per-node={gpus}" in argv
