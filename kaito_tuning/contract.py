@@ -52,6 +52,7 @@ ENV_ALLOW_PRIVATE_URLS = "KAITO_ALLOW_PRIVATE_URLS"  # dataset URLs on private a
 ENV_LOCAL_RUN = "KAITO_LOCAL_RUN"  # the Job's step run by `kaito-tuning run` on the user's machine (hostPath ok)
 ENV_MAX_STEPS = "KAITO_MAX_STEPS"  # stop after this many optimizer steps (local runs, tests)
 ENV_PREFETCH_WEIGHTS = "KAITO_PREFETCH_WEIGHTS"  # the download step also fills the weights cache (HF_HOME)
+ENV_PARALLELISM = "KAITO_PARALLELISM"  # ddp or fsdp: how the train step spreads the model over the GPUs (spec/memory.py)
 
 # ---- the adapter directory (what training writes, what is pushed, what serving loads)
 ADAPTER_CONFIG = "adapter_config.json"
