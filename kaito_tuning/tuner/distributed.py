@@ -18,9 +18,8 @@ A rank that dies takes the gang down: torchrun stops the node's other workers at
 other nodes leave their collectives after ``$KAITO_DIST_TIMEOUT_SECONDS`` (default 300 s), so nothing
 waits forever; the Job's retry resumes every rank from the newest checkpoint.
 
-torchrun turns every worker failure into exit code 1; each rank therefore writes its own exit code
-to ``$KAITO_RANK_EXIT_DIR`` and the launcher returns the most telling one (65 or 66: do not retry;
-75: retry), so the Job's failure policy sees what happened.
+The launcher returns the most telling of the ranks' exit codes (65 or 66: do not retry; 75: retry;
+137: a rank was killed), so the Job's failure policy sees what happened.
 """
 
 from __future__ import annotations
@@ -28,17 +27,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_TRANSIENT, EXIT_USER_ERROR
 
 log = logging.getLogger(__name__)
 
-ENV_RANK_EXIT_DIR = "KAITO_RANK_EXIT_DIR"
 ENV_DIST_TIMEOUT = "KAITO_DIST_TIMEOUT_SECONDS"
 DEFAULT_TIMEOUT_S = 300
 #: which exit code wins when ranks disagree: the user's error first (the Job must not retry it)
@@ -118,13 +113,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def record_exit(code: int) -> None:
-    """Leave this rank's exit code where the launcher reads it."""
-    where = os.environ.get(ENV_RANK_EXIT_DIR)
-    if where and is_rank():
-        Path(where, f"rank-{rank()}").write_text(str(code))
-
-
 # ---- the launcher
 
 def torchrun_argv(topo: Topology, command: list[str]) -> list[str]:
@@ -142,23 +130,34 @@ def torchrun_argv(topo: Topology, command: list[str]) -> list[str]:
 
 
 def launch(topo: Topology, command: list[str], *, env: dict[str, str] | None = None) -> int:
-    """Run ``kaito-tuning <command>`` as ``topo.nproc_per_node`` ranks of this node; the most telling exit code."""
-    with tempfile.TemporaryDirectory(prefix="kaito-ranks-") as exits:
-        full_env = {**os.environ, **(env or {}), ENV_RANK_EXIT_DIR: exits}
-        argv = torchrun_argv(topo, command)
-        log.info("launching %d process(es) on node %d of %d: %s", topo.nproc_per_node, topo.node_rank, topo.nnodes,
-                 " ".join(argv[1:]))
-        rc = subprocess.call(argv, env=full_env)
-        codes = [int(p.read_text() or 1) for p in Path(exits).glob("rank-*")]
-    return merge_exit_codes(rc, codes)
+    """Run ``kaito-tuning <command>`` as ``topo.nproc_per_node`` ranks of this node; the most telling exit code.
 
+    torchrun's launcher runs in this process (its API, not its command line): a failed gang is then a
+    ``ChildFailedError`` whose per-rank exit codes we read, instead of a traceback and exit 1.
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
-def merge_exit_codes(launcher_rc: int, rank_codes: list[int]) -> int:
-    """0 only when every rank succeeded; else the highest-priority code any rank reported, else the launcher's."""
-    if launcher_rc == 0 and all(c == 0 for c in rank_codes):
+    argv = torchrun_argv(topo, command)
+    log.info("launching %d process(es) on node %d of %d: torchrun %s", topo.nproc_per_node, topo.node_rank,
+             topo.nnodes, " ".join(argv[3:]))
+    saved = dict(os.environ)
+    os.environ.update(env or {})
+    try:
+        run(parse_args(argv[3:]))
         return 0
+    except ChildFailedError as e:
+        return merge_exit_codes([f.exitcode for f in e.failures.values()])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def merge_exit_codes(rank_codes: list[int]) -> int:
+    """The exit code of a failed gang: the most telling one any rank had (65, 66, 75 before the rest);
+    a rank killed by a signal counts as 128 + signal, as a shell reports it (137: killed, e.g. out of memory)."""
+    codes = [128 - c if c < 0 else c for c in rank_codes if c != 0]
     for code in _PRIORITY:
-        if code in rank_codes:
+        if code in codes:
             return code
-    failed = [c for c in rank_codes if c != 0]
-    return failed[0] if failed else (launcher_rc or 1)
+    return codes[0] if codes else 1

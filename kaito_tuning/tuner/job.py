@@ -115,13 +115,10 @@ def run_step(step: str, topology: distributed.Topology | None = None) -> int:
             result = {"image": pushed.reference, "digest": pushed.digest}
         if distributed.is_main():
             write_termination(result)
-        distributed.record_exit(0)
         return 0
     except KaitoError as e:
         write_termination(redact.text(e.one_line()))
-        distributed.record_exit(e.exit_code)
         raise
     except Exception as e:
         write_termination(redact.text(f"Error: {step} step failed: {type(e).__name__}: {e}"))
-        distributed.record_exit(1)
         raise

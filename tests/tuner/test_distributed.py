@@ -72,11 +72,10 @@ def test_n_processes_match_one_process_at_the_same_global_batch(same_rows, tiny_
 
 
 def test_exit_codes_of_ranks_are_merged_by_meaning():
-    assert distributed.merge_exit_codes(0, [0, 0]) == 0
-    assert distributed.merge_exit_codes(1, [0, 65]) == 65   # torchrun says 1; a rank knew it was the user's error
-    assert distributed.merge_exit_codes(1, [75, 66]) == 66
-    assert distributed.merge_exit_codes(1, [0]) == 1         # a rank was killed: it wrote nothing
-    assert distributed.merge_exit_codes(-9, []) == -9
+    assert distributed.merge_exit_codes([-15, 65]) == 65   # rank 1 knew it was the user's error; torchrun ended rank 0
+    assert distributed.merge_exit_codes([75, 66]) == 66
+    assert distributed.merge_exit_codes([-9, -15]) == 137   # killed (out of memory, as a shell reports it)
+    assert distributed.merge_exit_codes([1]) == 1 and distributed.merge_exit_codes([]) == 1
 
 
 def test_torchrun_command_for_one_and_several_nodes():
@@ -145,3 +144,19 @@ def test_a_killed_rank_ends_the_gang_and_the_rerun_resumes(same_rows, tiny_phi3,
     assert second.returncode == 0, second.stderr[-3000:]
     meta = json.loads((out / "training_metadata.json").read_text())
     assert meta["resumed_from_step"] >= 2 and meta["processes"] == 2 and meta["steps"] == 24
+
+
+def test_a_users_error_in_the_ranks_is_one_line_and_exit_65(tiny_phi3, tmp_path):
+    """Bad data is found by the ranks (after the launch): the run still says so in one line, exit 65."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    write_parquet(bad / "robot.parquet", [{"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "robot", "content": "beep"}]}] * 8)
+    spec = tmp_path / "ws.yaml"
+    spec.write_text(yaml.safe_dump_all(_docs(bad, 1, 1)))
+    r = subprocess.run([sys.executable, "-m", "kaito_tuning.cli", "run", str(spec), "--output-dir", str(tmp_path / "o"),
+                        "--model-dir", str(tiny_phi3), "--no-progress", "--nproc", "2"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 65, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: DatasetInvalid: robot.parquet: row 0: messages[1].role")
