@@ -160,3 +160,46 @@ def test_a_users_error_in_the_ranks_is_one_line_and_exit_65(tiny_phi3, tmp_path)
     assert r.returncode == 65, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: DatasetInvalid: robot.parquet: row 0: messages[1].role")
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_the_jobs_rendezvous_make_one_adapter(same_rows, tiny_phi3, tmp_path):
+    """Two `job train` invocations, as two pods of the Indexed Job start them (node rank = completion index),
+    meet at node 0's c10d rendezvous; node 0 alone writes the adapter and the result."""
+    from kaito_tuning.spec.rules import load_workspace
+    ws, cm = _docs(same_rows, 2, 1)
+    ws["tuning"]["input"] = {"urls": ["https://example.com/data/same.parquet"]}  # fetched already, below
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "training_config.yaml").write_text(cm["data"]["training_config.yaml"])
+    port = _free_port()
+    procs, outs = [], []
+    for node in (0, 1):
+        out, log = tmp_path / f"node{node}", tmp_path / f"node{node}.log"
+        outs.append((out, log))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "KAITO_WORKSPACE": json.dumps(load_workspace(ws).to_dict()),
+               "KAITO_CONFIG_DIR": str(config), "KAITO_DATA_DIR": str(same_rows), "KAITO_OUTPUT_DIR": str(out),
+               "KAITO_MODEL_DIR": str(tiny_phi3), "KAITO_TERMINATION_LOG": str(log), "KAITO_PROGRESS_PORT": "0",
+               "KAITO_MAX_STEPS": "3", distributed.ENV_DIST_TIMEOUT: "120"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kaito_tuning.cli", "job", "train", "--nproc-per-node", "1", "--nnodes", "2",
+             "--node-rank", str(node), "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "ws-two-nodes"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    try:
+        results = [p.wait(timeout=400) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert results == [0, 0], [p.stderr.read().decode()[-2000:] for p in procs]
+    (out0, log0), (out1, log1) = outs
+    meta = json.loads((out0 / "training_metadata.json").read_text())
+    assert meta["processes"] == 2 and meta["nodes"] == 2 and meta["steps"] == 3
+    assert json.loads(log0.read_text())["steps"] == 3
+    assert not (out1 / "adapter_model.safetensors").exists() and not log1.exists()
