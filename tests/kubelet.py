@@ -21,6 +21,7 @@ import copy
 import itertools
 
 T0 = "2025-01-01T00:00:00Z"
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 _ips = itertools.count(10)
 _seconds = itertools.count(1)
 
@@ -34,7 +35,8 @@ def _now() -> str:
 class PodSim:
     """One pod of ``owner`` (a Job or Deployment manifest as stored: with uid), moved as a kubelet moves it."""
 
-    def __init__(self, owner: dict, suffix: str = "a", *, created: str = T0, node: str = "gpu-node-1"):
+    def __init__(self, owner: dict, suffix: str = "a", *, created: str = T0, node: str = "gpu-node-1",
+                 index: int | None = None):
         kind = owner.get("kind") or "Job"
         template = owner["spec"]["template"]
         spec = copy.deepcopy(template["spec"])
@@ -45,11 +47,17 @@ class PodSim:
         if kind == "Job":
             labels.update({"batch.kubernetes.io/job-name": meta["name"], "job-name": meta["name"],
                            "batch.kubernetes.io/controller-uid": meta.get("uid", ""), "controller-uid": meta.get("uid", "")})
+        annotations = dict(template["metadata"].get("annotations") or {})
+        self.index = index
+        if index is not None:  # an Indexed Job's pod: the Job controller's index annotation/label and hostname
+            annotations[INDEX_KEY] = labels[INDEX_KEY] = str(index)
+            spec["hostname"] = f"{meta['name']}-{index}"
+            suffix = f"{index}-{suffix}"
         self.name = f"{meta['name']}-{suffix}"
         self.manifest = {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": self.name, "namespace": meta.get("namespace", "default"), "labels": labels,
-                         "annotations": dict(template["metadata"].get("annotations") or {}),
+                         "annotations": annotations,
                          "creationTimestamp": created,
                          "ownerReferences": [{"apiVersion": owner.get("apiVersion", "batch/v1"), "kind": kind,
                                               "name": meta["name"], "uid": meta.get("uid", ""), "controller": True,
@@ -236,14 +244,25 @@ def _rule_matches(rule: dict, pod: dict) -> bool:
 
 
 def job_status(job: dict, pods: list[dict]) -> dict:
-    """The status the Job controller writes for ``job`` whose pods are ``pods`` (restartPolicy Never)."""
+    """The status the Job controller writes for ``job`` whose pods are ``pods`` (restartPolicy Never).
+
+    An Indexed Job completes when every index has a succeeded pod; with ``backoffLimitPerIndex`` each
+    index counts its own failures, an index past its limit is failed, and more failed indexes than
+    ``maxFailedIndexes`` fail the Job (reason MaxFailedIndexesExceeded) at once.
+    """
     spec = job.get("spec") or {}
-    failed = succeeded = active = 0
+    completions = spec.get("completions") or 1
+    indexed = spec.get("completionMode") == "Indexed"
+    per_index = spec.get("backoffLimitPerIndex") if indexed else None
+    failed = active = 0
+    done: set = set()
+    failures_of: dict = {}
     fail_job = None
     for p in pods:
         phase = (p.get("status") or {}).get("phase")
+        index = ((p.get("metadata") or {}).get("annotations") or {}).get(INDEX_KEY)
         if phase == "Succeeded":
-            succeeded += 1
+            done.add(index if indexed else len(done))
         elif phase == "Failed":
             action = "Count"
             for rule in (spec.get("podFailurePolicy") or {}).get("rules") or []:
@@ -254,22 +273,35 @@ def job_status(job: dict, pods: list[dict]) -> dict:
                 fail_job = fail_job or p
             if action != "Ignore":
                 failed += 1
+                failures_of[index] = failures_of.get(index, 0) + 1
         else:
             active += 1
+    succeeded = len(done)
+    failed_indexes = sorted(i for i, n in failures_of.items() if per_index is not None and n > per_index)
     out = {"startTime": T0, "active": active, "failed": failed, "succeeded": succeeded,
            "ready": sum(1 for p in pods if any(c["type"] == "Ready" and c["status"] == "True"
                                                for c in (p.get("status") or {}).get("conditions") or []))}
+    if indexed:
+        out["completedIndexes"] = ",".join(sorted(done, key=int))
+        if failed_indexes:
+            out["failedIndexes"] = ",".join(failed_indexes)
     out = {k: v for k, v in out.items() if v or k == "startTime"}
-    if succeeded:
+    too_many = len(failed_indexes) > spec.get("maxFailedIndexes", completions) if per_index is not None else \
+        failed > spec.get("backoffLimit", 6)
+    if succeeded >= completions:
         out["completionTime"] = "2025-01-01T01:00:00Z"
         out["conditions"] = [{"type": "SuccessCriteriaMet", "status": "True", "reason": "CompletionsReached",
                               "lastTransitionTime": "2025-01-01T01:00:00Z"},
                              {"type": "Complete", "status": "True", "reason": "CompletionsReached",
                               "lastTransitionTime": "2025-01-01T01:00:00Z"}]
-    elif fail_job is not None or failed > spec.get("backoffLimit", 6):
-        reason, msg = ("PodFailurePolicy", f"Pod default/{fail_job['metadata']['name']} has condition or exit code "
-                       "matching FailJob rule") if fail_job is not None else \
-            ("BackoffLimitExceeded", "Job has reached the specified backoff limit")
+    elif fail_job is not None or too_many:
+        if fail_job is not None:
+            reason, msg = "PodFailurePolicy", f"Pod default/{fail_job['metadata']['name']} has condition or exit " \
+                                              "code matching FailJob rule"
+        elif per_index is not None:
+            reason, msg = "MaxFailedIndexesExceeded", "Job has exceeded the specified maximal number of failed indexes"
+        else:
+            reason, msg = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
         out["conditions"] = [{"type": "FailureTarget", "status": "True", "reason": reason, "message": msg,
                               "lastTransitionTime": "2025-01-01T01:00:00Z"},
                              {"type": "Failed", "status": "True", "reason": reason, "message": msg,

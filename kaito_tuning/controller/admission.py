@@ -17,11 +17,12 @@ import tempfile
 
 import kopf
 
+from kaito_tuning.controller import decisions as d
 from kaito_tuning.controller.settings import Settings
 from kaito_tuning.errors import Problem
 from kaito_tuning.spec.rules import validate_update, validate_workspace
 from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
-from kaito_tuning.spec.workspace import GROUP, PLURAL, VERSIONS, parse_workspace
+from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION, VERSIONS, parse_workspace
 
 log = logging.getLogger("kaito_tuning.controller.admission")
 
@@ -31,14 +32,24 @@ def _strip(obj: dict | None) -> dict:
 
 
 def review(body: dict, old: dict | None, operation: str, *, deny_private_urls: bool,
-           read_config=None) -> list[Problem]:
+           read_config=None, volume_types: tuple[str, ...] | None = None, list_workspaces=None) -> list[Problem]:
     """Every problem with ``body`` (and with the change from ``old`` on UPDATE).
 
     ``read_config(namespace, name)`` returns the ConfigMap's training_config.yaml text, or None
-    when it cannot be read (then the operator reports it in status instead).
+    when it cannot be read (then the operator reports it in status instead). ``volume_types``: the
+    operator's allow-list. ``list_workspaces()`` returns every workspace of the cluster (or None when
+    they cannot be read): a new output image that an existing workspace already pushes to is refused.
     """
     ws, problems = parse_workspace(_strip(body))
-    problems += validate_workspace(ws, allow_private_urls=not deny_private_urls)
+    problems += validate_workspace(ws, allow_private_urls=not deny_private_urls, volume_types=volume_types)
+    if not problems and list_workspaces is not None and ws.tuning and ws.tuning.output and ws.tuning.output.image:
+        changed = operation != "UPDATE" or not old or \
+            d.image_key(((old.get("tuning") or {}).get("output") or {}).get("image") or "") != \
+            d.image_key(ws.tuning.output.image)
+        others = list_workspaces() if changed else None
+        if others is not None and (first := d.output_image_owner(_strip(body), others)):
+            problems.append(Problem("tuning.output.image", f"is already the output of workspace {first}: each run "
+                                                           "would overwrite the other's adapter; choose another tag"))
     if operation == "UPDATE" and old:
         old_ws, _ = parse_workspace(_strip(old))
         problems += validate_update(old_ws, ws)
@@ -48,6 +59,18 @@ def review(body: dict, old: dict | None, operation: str, *, deny_private_urls: b
             _, found = parse_config(text, method=ws.tuning.method, source=f"ConfigMap {ws.tuning.config}")
             problems += [Problem(f"ConfigMap {ws.tuning.config}: {p.path}", p.message) for p in found]
     return problems
+
+
+def list_workspaces() -> list[dict] | None:
+    """Every workspace of the cluster, or None when they cannot be listed (the operator's status reports it then)."""
+    import kubernetes
+
+    try:
+        return kubernetes.client.CustomObjectsApi().list_cluster_custom_object(
+            GROUP, STORAGE_VERSION, PLURAL).get("items") or []
+    except Exception as e:  # noqa: BLE001 - admission must not fail because a read did
+        log.debug("cannot list workspaces: %s", e)
+        return None
 
 
 def read_config_text(namespace: str, name: str) -> str | None:
@@ -73,7 +96,8 @@ def register_admission(settings: Settings, registry: kopf.OperatorRegistry) -> N
         obj = dict(body)
         obj.setdefault("metadata", {}).setdefault("namespace", namespace or "default")
         problems = review(obj, old, operation or "CREATE", deny_private_urls=settings.deny_private_urls,
-                          read_config=read_config_text)
+                          read_config=read_config_text, volume_types=settings.volume_types,
+                          list_workspaces=list_workspaces)
         if problems:
             raise kopf.AdmissionError("; ".join(str(p) for p in problems), code=422)
 

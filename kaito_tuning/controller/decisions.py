@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from kaito_tuning import redact
+from kaito_tuning.artifacts import reference as imageref
 from kaito_tuning.contract import ANNOTATION_REVISION, ANNOTATION_SPEC_HASH, LABEL_WORKSPACE
 from kaito_tuning.controller import status as st
 
@@ -87,6 +88,53 @@ def kept_result(prev_status: dict) -> dict:
     out["tuning"] = {**(prev_status.get("tuning") or {}), "jobName": None,
                      "note": "the finished job was deleted; status kept"}
     return out
+
+
+# ------------------------------------------------------------------ output images
+
+def image_key(ref: str) -> str:
+    """A pushed image's identity: registry (lower case) / repository : tag (``latest`` when none is given)."""
+    try:
+        r = imageref.parse(ref)
+    except imageref.InvalidReference:
+        return ref.strip()
+    return f"{r.registry.lower()}/{r.repository}:{r.tag or 'latest'}"
+
+
+def _output_image(obj: dict) -> str | None:
+    out = ((obj.get("spec") or obj).get("tuning") or {}).get("output") or {}
+    image = out.get("image") if isinstance(out, dict) else None
+    return image if isinstance(image, str) and image else None
+
+
+def _order(obj: dict) -> tuple[str, str, str]:
+    meta = obj.get("metadata") or {}
+    return meta.get("creationTimestamp") or "9999", meta.get("namespace") or "default", meta.get("name") or ""
+
+
+def output_image_owner(obj: dict, workspaces: list[dict]) -> str | None:
+    """``namespace/name`` of the workspace created before ``obj`` that pushes to the same image, or None.
+
+    The earliest workspace keeps the image (creation time, then namespace/name); a later one waits until
+    the earlier one is deleted or one of them changes its output.
+    """
+    mine = _output_image(obj)
+    if mine is None:
+        return None
+    key, me = image_key(mine), _order(obj)
+    uid = (obj.get("metadata") or {}).get("uid")
+    earlier = []
+    for other in workspaces:
+        meta = other.get("metadata") or {}
+        if (uid and meta.get("uid") == uid) or _order(other)[1:] == me[1:] or meta.get("deletionTimestamp"):
+            continue
+        image = _output_image(other)
+        if image is not None and image_key(image) == key and _order(other) < me:
+            earlier.append(_order(other))
+    if not earlier:
+        return None
+    first = min(earlier)
+    return f"{first[1]}/{first[2]}"
 
 
 # ------------------------------------------------------------------ nodes

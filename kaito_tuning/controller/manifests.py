@@ -1,9 +1,10 @@
 """What the operator creates for a Workspace, as plain dicts: pure functions, no API calls.
 
 A tuning workspace becomes one ``batch/v1`` Job (the contract is in docs/design.md: steps as
-containers, each step exits, user errors are not retried), plus the method's default ConfigMap
-when the workspace names none, a Karpenter NodeClaim when auto-provisioning is on, and a PVC for
-checkpoints when checkpoint storage is on. An inference workspace becomes a Deployment and a
+containers, each step exits, user errors are not retried) -- an Indexed Job with a headless
+Service when it spans several nodes (``resource.count``) -- plus the Secret holding the workspace
+the steps read, the method's default ConfigMap when the workspace names none, a Karpenter NodeClaim
+per node when auto-provisioning is on, and a PVC for checkpoints when checkpoint storage is on. An inference workspace becomes a Deployment and a
 Service. ``kaito-tuning render FILE`` prints them.
 
 Owner references are not set here: the controller adds them with ``kopf.adopt``.
@@ -23,6 +24,8 @@ from kaito_tuning.contract import (
     ANNOTATION_SPEC_HASH,
     CONFIG_DIR,
     DATA_DIR,
+    ENV_PARALLELISM,
+    ENV_PREFETCH_WEIGHTS,
     ENV_PULL_SECRETS_DIR,
     ENV_PUSH_AUTH_FILE,
     ENV_WORKSPACE,
@@ -37,7 +40,10 @@ from kaito_tuning.contract import (
 )
 from kaito_tuning.controller.settings import Settings
 from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
+from kaito_tuning.spec import memory
 from kaito_tuning.spec.instances import get_instance_type
+from kaito_tuning.spec.memory import Parallelism
+from kaito_tuning.spec.presets import get_preset
 from kaito_tuning.spec.rules import load_workspace
 from kaito_tuning.spec.training_config import (
     CONFIG_KEY,
@@ -141,11 +147,6 @@ def _container(name: str, image: str, args: list[str], env: list[dict], mounts: 
          "resources": resources or {"requests": {"cpu": "100m", "memory": "256Mi"}}}
 
 
-def tuner_args(ws: Workspace) -> list[str]:
-    """``job train --nproc-per-node G``: one training process per GPU of the node (torchrun, DDP or FSDP)."""
-    return ["job", "train", "--nproc-per-node", str(gpu_count(ws))]
-
-
 def _gpu_resources(ws: Workspace, cpu: str, memory: str) -> dict:
     n = str(gpu_count(ws))
     return {"requests": {"cpu": cpu, "memory": memory, GPU_RESOURCE: n}, "limits": {GPU_RESOURCE: n}}
@@ -194,10 +195,16 @@ def checkpoint_pvc_name(ws: Workspace) -> str:
 
 
 def checkpoint_pvc(ws: Workspace, settings: Settings) -> dict | None:
-    """A PVC for the output directory (adapter + checkpoints) of an image-output run, if enabled."""
+    """A PVC for the output directory (adapter + checkpoints) of an image-output run, if enabled.
+
+    Several nodes mount it at once (ReadWriteMany, a storage class that offers it), each node in its own
+    subdirectory ``node-<index>`` (``subPathExpr``): every node keeps its own checkpoints, so a retried
+    gang resumes every rank; a ReadWriteOnce volume could not follow pods onto several nodes.
+    """
     if not settings.checkpoint_storage or ws.tuning is None or not ws.tuning.output or not ws.tuning.output.image:
         return None
-    spec = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": settings.checkpoint_storage_size}}}
+    mode = "ReadWriteMany" if node_count(ws) > 1 else "ReadWriteOnce"
+    spec = {"accessModes": [mode], "resources": {"requests": {"storage": settings.checkpoint_storage_size}}}
     if settings.checkpoint_storage_class:
         spec["storageClassName"] = settings.checkpoint_storage_class
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
@@ -205,12 +212,96 @@ def checkpoint_pvc(ws: Workspace, settings: Settings) -> dict | None:
             "spec": spec}
 
 
+# ------------------------------------------------------------------ several GPUs, several nodes
+
+#: the c10d rendezvous port of node 0's torchrun (torchrun's default)
+RDZV_PORT = 29500
+#: the Job's annotation (and status.tuning.parallelism): the mode chosen and why (spec/memory.py)
+ANNOTATION_PARALLELISM = "kaito.sh/parallelism"
+#: set by the Job controller on an Indexed Job's pods (annotation) and declared here as an env var,
+#: so ``$(JOB_COMPLETION_INDEX)`` in args and ``subPathExpr`` is expanded by Kubernetes (no shell)
+INDEX_ENV = "JOB_COMPLETION_INDEX"
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def node_count(ws: Workspace) -> int:
+    count = ws.resource.count if ws.resource else 1
+    return count if isinstance(count, int) and count > 1 else 1
+
+
+def workers_service_name(ws: Workspace) -> str:
+    """The headless Service that gives node 0 of a multi-node run a DNS name (a tuning workspace has no other)."""
+    return ws.name
+
+
+def rendezvous_endpoint(ws: Workspace) -> str:
+    """``<job>-0.<service>.<namespace>.svc:29500``: the Indexed Job's pod 0 (hostname <job>-<index>, subdomain)."""
+    return f"{ws.name}-0.{workers_service_name(ws)}.{ws.namespace}.svc:{RDZV_PORT}"
+
+
+def parallelism(ws: Workspace) -> Parallelism:
+    """DDP or FSDP for the workspace's preset, method, instance type and node count (spec/memory.py)."""
+    preset = get_preset(ws.tuning.preset.name) if ws.tuning and ws.tuning.preset and ws.tuning.preset.name else None
+    inst = get_instance_type(ws.resource.instance_type) if ws.resource and ws.resource.instance_type else None
+    return memory.choose(preset, ws.tuning.method if ws.tuning else None, inst, node_count(ws))
+
+
+def tuner_args(ws: Workspace) -> list[str]:
+    """``job train --nproc-per-node G``: one training process per GPU of the node (torchrun, DDP or FSDP);
+    on several nodes also the gang: node count, this pod's index, node 0's rendezvous, the workspace as its id."""
+    args = ["job", "train", "--nproc-per-node", str(gpu_count(ws))]
+    if (n := node_count(ws)) > 1:
+        args += ["--nnodes", str(n), "--node-rank", f"$({INDEX_ENV})", "--rdzv-endpoint", rendezvous_endpoint(ws),
+                 "--rdzv-id", ws.name]
+    return args
+
+
+def workers_service(ws: Workspace) -> dict | None:
+    """The headless Service of a multi-node run: DNS for each pod (``<job>-<index>.<service>``), ready or not
+    (a pod waiting in the rendezvous is not Ready, and node 0 must be found before it is)."""
+    if ws.tuning is None or node_count(ws) == 1:
+        return None
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": workers_service_name(ws), "namespace": ws.namespace, "labels": workspace_labels(ws)},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {LABEL_WORKSPACE: ws.name},
+                 "ports": [{"name": "rendezvous", "port": RDZV_PORT, "targetPort": RDZV_PORT, "protocol": "TCP"}]},
+    }
+
+
+def workspace_secret_name(ws: Workspace) -> str:
+    return f"{ws.name}-workspace"
+
+
+def workspace_secret(ws: Workspace) -> dict:
+    """The workspace as the Job's steps read it ($KAITO_WORKSPACE), in a Secret: dataset URLs may carry
+    signatures (SAS tokens, presigned queries), which must not be readable by everyone who can read Jobs
+    or pods (``kubectl get job -o yaml``); the Secret is owned by the workspace and deleted with it."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": workspace_secret_name(ws), "namespace": ws.namespace, "labels": workspace_labels(ws)},
+            "stringData": {WORKSPACE_SECRET_KEY: json.dumps(_job_workspace(ws), sort_keys=True)}}
+
+
+WORKSPACE_SECRET_KEY = "workspace.json"
+
+
 def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revision: int = 1) -> dict:
-    """The tuning Job (docs/design.md, "The tuning Job")."""
+    """The tuning Job (docs/design.md, "The tuning Job").
+
+    One pod per node: on one node a plain Job; on ``resource.count`` nodes an Indexed Job
+    (parallelism = completions = count) whose pod ``i`` is node ``i`` of the torchrun gang, found by
+    the others through the headless Service (``workers_service``).
+    """
     t = ws.tuning
     inp, out = t.input, t.output
     image = settings.tuner_image
-    ws_env = [{"name": ENV_WORKSPACE, "value": json.dumps(_job_workspace(ws), sort_keys=True)}, *_COMMON_ENV]
+    nodes = node_count(ws)
+    mode = parallelism(ws)
+    index_env = [{"name": INDEX_ENV, "valueFrom": {"fieldRef": {
+        "fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}}] if nodes > 1 else []
+    ws_env = [{"name": ENV_WORKSPACE, "valueFrom": {"secretKeyRef": {
+        "name": workspace_secret_name(ws), "key": WORKSPACE_SECRET_KEY}}}, *_COMMON_ENV, *index_env]
     output_dir = config.output_dir
 
     volumes = [*_COMMON_VOLUMES,
@@ -226,57 +317,85 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
     else:
         volumes.append({"name": "results", "emptyDir": {}})
 
+    def results(read_only: bool = False) -> dict:
+        mount = {"name": "results", "mountPath": output_dir}
+        if read_only:
+            mount["readOnly"] = True
+        if nodes > 1:  # each node its own directory of a shared checkpoint volume (harmless on an emptyDir)
+            mount["subPathExpr"] = f"node-$({INDEX_ENV})"
+        return mount
+
     init_containers, containers = [], []
-    if inp.urls or inp.image:
-        mounts = [{"name": "data", "mountPath": DATA_DIR}, _TMP_MOUNT]
-        env = list(ws_env)
-        if inp.image_pull_secrets:
-            volumes.append(_docker_config_volume("pull-secrets", inp.image_pull_secrets))
-            mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
-            env.append({"name": ENV_PULL_SECRETS_DIR, "value": PULL_SECRETS_DIR})
-        init_containers.append(_container("download", image, ["job", "download"], env, mounts,
-                                          resources={"requests": {"cpu": "500m", "memory": "1Gi"}}))
+    # The download step: the inputs (URLs, an input image; a volume is already there) and the base weights
+    # into the hf-cache volume, so training starts from local files (ModelConfig.local_files_only holds).
+    # It runs in every pod of a multi-node run: no volume shared between nodes is assumed (a ReadWriteMany
+    # volume is not on every cluster), and each node needs the data and weights on its own disk anyway.
+    # It sees the output directory read-only: a retried pod whose run already finished downloads nothing.
+    mounts = [{"name": "data", "mountPath": DATA_DIR, **({"readOnly": True} if inp.volume_source else {})},
+              results(read_only=True), {"name": "hf-cache", "mountPath": HF_CACHE_DIR}, _TMP_MOUNT]
+    env = [*ws_env, {"name": ENV_PREFETCH_WEIGHTS, "value": "1"}, *_model_env(ws, t.preset)]
+    if inp.image_pull_secrets:
+        volumes.append(_docker_config_volume("pull-secrets", inp.image_pull_secrets))
+        mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
+        env.append({"name": ENV_PULL_SECRETS_DIR, "value": PULL_SECRETS_DIR})
+    init_containers.append(_container("download", image, ["job", "download"], env, mounts,
+                                      resources={"requests": {"cpu": "500m", "memory": "1Gi"}}))
 
     tuner = _container(
         "tuner", image, tuner_args(ws),
         [*ws_env, {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
-         *_model_env(ws, t.preset)],
+         {"name": ENV_PARALLELISM, "value": mode.mode}, *_model_env(ws, t.preset)],
         [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
          {"name": "data", "mountPath": DATA_DIR, "readOnly": True},
-         {"name": "results", "mountPath": output_dir},
+         results(),
          {"name": "dshm", "mountPath": "/dev/shm"},
          {"name": "hf-cache", "mountPath": HF_CACHE_DIR}, _TMP_MOUNT],
         resources=_gpu_resources(ws, cpu="4", memory="16Gi"))
     tuner["ports"] = [{"name": "progress", "containerPort": PROGRESS_PORT, "protocol": "TCP"}]
+    if nodes > 1:
+        tuner["ports"].append({"name": "rendezvous", "containerPort": RDZV_PORT, "protocol": "TCP"})
 
     if out.image:
         init_containers.append(tuner)
         volumes.append({"name": "push-secret", "secret": {
             "secretName": out.image_push_secret, "items": [{"key": ".dockerconfigjson", "path": ".dockerconfigjson"}]}})
+        # Every pod of an Indexed Job has the same containers: on a node other than 0 the push step is given
+        # its index and exits 0 at once (node 0's rank 0 alone wrote the adapter; a pod that differed by index
+        # would need a JobSet). One push per run, and every index still completes.
+        push_args = ["job", "push"] + (["--node-rank", f"$({INDEX_ENV})"] if nodes > 1 else [])
         containers.append(_container(
-            "push", image, ["job", "push"],
+            "push", image, push_args,
             [*ws_env, {"name": ENV_PUSH_AUTH_FILE, "value": PUSH_AUTH_FILE}],
-            [{"name": "results", "mountPath": output_dir, "readOnly": True},
+            [results(read_only=True),
              {"name": "push-secret", "mountPath": PUSH_SECRET_DIR, "readOnly": True}, _TMP_MOUNT],
             resources={"requests": {"cpu": "250m", "memory": "512Mi"}}))
     else:
         containers.append(tuner)
 
     labels = workspace_labels(ws)
+    pod_spec = {"restartPolicy": "Never", **_gpu_pod_spec(ws, init_containers, containers, volumes)}
+    spec = {"activeDeadlineSeconds": settings.job_active_deadline_seconds,
+            "podFailurePolicy": {"rules": POD_FAILURE_RULES}}
+    if nodes > 1:
+        pod_spec["subdomain"] = workers_service_name(ws)
+        # A gang: a rank that fails takes the others down within the collective timeout
+        # (KAITO_DIST_TIMEOUT_SECONDS), so every index fails and each is recreated: the retry restarts all
+        # ranks, which resume from their node's newest checkpoint. Each index may be retried backoffLimit
+        # times; the first index past that fails the whole Job (maxFailedIndexes 0), never leaving the
+        # other ranks to wait. User errors and out-of-memory still fail the Job at once (podFailurePolicy).
+        spec.update(completionMode="Indexed", completions=nodes, parallelism=nodes,
+                    backoffLimitPerIndex=settings.job_backoff_limit, maxFailedIndexes=0)
+    else:
+        spec["backoffLimit"] = settings.job_backoff_limit
+    spec["template"] = {"metadata": {"labels": labels, "annotations": {ANNOTATION_REVISION: str(revision)}},
+                        "spec": pod_spec}
     return _fresh({
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {"name": ws.name, "namespace": ws.namespace, "labels": labels,
-                     "annotations": {ANNOTATION_REVISION: str(revision), ANNOTATION_SPEC_HASH: spec_hash(ws)}},
-        "spec": {
-            "backoffLimit": settings.job_backoff_limit,
-            "activeDeadlineSeconds": settings.job_active_deadline_seconds,
-            "podFailurePolicy": {"rules": POD_FAILURE_RULES},
-            "template": {
-                "metadata": {"labels": labels, "annotations": {ANNOTATION_REVISION: str(revision)}},
-                "spec": {"restartPolicy": "Never", **_gpu_pod_spec(ws, init_containers, containers, volumes)},
-            },
-        },
+                     "annotations": {ANNOTATION_REVISION: str(revision), ANNOTATION_SPEC_HASH: spec_hash(ws),
+                                     ANNOTATION_PARALLELISM: str(mode)}},
+        "spec": spec,
     })
 
 
@@ -294,19 +413,25 @@ def _job_workspace(ws: Workspace) -> dict:
     return d
 
 
-def nodeclaim_name(ws: Workspace) -> str:
+def nodeclaim_name(ws: Workspace, index: int = 0) -> str:
+    """``ws-<name>-<digest>``; node ``i`` > 0 of a multi-node run: ``...-<i>``."""
     digest = hashlib.sha256(f"{ws.namespace}/{ws.name}".encode()).hexdigest()[:8]
-    return f"ws-{ws.name[:50]}-{digest}"
+    return f"ws-{ws.name[:50]}-{digest}" + (f"-{index}" if index else "")
 
 
-def nodeclaim(ws: Workspace) -> dict:
+def nodeclaim_names(ws: Workspace) -> list[str]:
+    """One NodeClaim per node of the run (tuning on ``resource.count`` nodes; inference makes none here)."""
+    return [nodeclaim_name(ws, i) for i in range(node_count(ws))]
+
+
+def nodeclaim(ws: Workspace, index: int = 0) -> dict:
     """A Karpenter NodeClaim for one node of the instance type, labelled with the selector's labels."""
     sel = ws.resource.label_selector
     labels = {**(sel.match_labels if sel else {}), LABEL_WORKSPACE: ws.name, LABEL_WORKSPACE_NAMESPACE: ws.namespace}
     return {
         "apiVersion": NODECLAIM_API,
         "kind": "NodeClaim",
-        "metadata": {"name": nodeclaim_name(ws), "labels": labels},
+        "metadata": {"name": nodeclaim_name(ws, index), "labels": labels},
         "spec": {
             "requirements": [{"key": "node.kubernetes.io/instance-type", "operator": "In",
                               "values": [ws.resource.instance_type]}],
@@ -396,11 +521,14 @@ def render(ws: Workspace, settings: Settings, config: TuningConfig | None = None
         return [inference_deployment(ws, settings), inference_service(ws)]
     objs = []
     if settings.node_auto_provisioning:
-        objs.append(nodeclaim(ws))
+        objs += [nodeclaim(ws, i) for i in range(node_count(ws))]
     if (cm := default_configmap(ws)):
         objs.append(cm)
     if (pvc := checkpoint_pvc(ws, settings)):
         objs.append(pvc)
+    objs.append(workspace_secret(ws))
+    if (svc := workers_service(ws)):
+        objs.append(svc)
     cfg = config or load_config(None, ws.tuning.method)
     objs.append(tuning_job(ws, settings, cfg, revision=revision))
     return objs

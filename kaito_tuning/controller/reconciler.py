@@ -90,7 +90,8 @@ class Reconciler:
         prev = obj.get("status") or {}
         gen = (obj.get("metadata") or {}).get("generation")
         ws, problems = parse_workspace({k: v for k, v in obj.items() if k != "status"})
-        problems += validate_workspace(ws, allow_private_urls=not self.settings.deny_private_urls)
+        problems += validate_workspace(ws, allow_private_urls=not self.settings.deny_private_urls,
+                                       volume_types=self.settings.volume_types)
         if problems:
             msg = d.clip("; ".join(str(p) for p in problems))
             conds = [st.condition(t, False, "InvalidSpec", msg) for t in ("ResourceReady", "WorkspaceSucceeded")]
@@ -169,11 +170,15 @@ class Reconciler:
         provisioning = self.settings.node_auto_provisioning
         claim = None
         if d.needs_nodeclaim(provisioning, finished_before, self.settings.nodeclaim_release):
-            claim, claim_blocker = self._ensure_nodeclaim(ws)
+            claims, claim_blocker = self._ensure_nodeclaims(ws)
             blocker = blocker or claim_blocker
+            # the run needs every node: the first claim that is not ready is the one to show
+            claim = next((c for c in claims if not st.nodeclaim_ready(c)[0]), claims[-1] if claims else None)
             ready, reason, message = st.nodeclaim_ready(claim)
             if blocker is None and not ready:
                 blocker = {"reason": reason, "message": message}
+        if blocker is None and job is None and ws.tuning.output.image:
+            blocker = self._output_image_conflict(ws, obj)
 
         if job is None and finished_before:
             logs.decision(key, "keep-finished", "the finished run's job was deleted; its result is kept")
@@ -189,6 +194,7 @@ class Reconciler:
                                   blocker=blocker, nodeclaim=claim, provisioning=provisioning,
                                   output_volume=bool(ws.tuning.output.volume_source))
         status["tuning"]["specHash"] = digest
+        status["tuning"]["parallelism"] = d.annotation(job, m.ANNOTATION_PARALLELISM) or str(m.parallelism(ws))
         if recreated and job is not None:
             status["tuning"]["note"] = f"job {name} was deleted before the run finished; recreated it"
         elif prev_t.get("note") and prev_t.get("revision") == revision and job is not None:
@@ -268,6 +274,12 @@ class Reconciler:
         if (pvc := m.checkpoint_pvc(ws, self.settings)):
             kopf.adopt(pvc, owner=obj)
             self._create_ignoring_conflict(lambda: self.core.create_namespaced_persistent_volume_claim(ws.namespace, pvc))
+        if (b := self._ensure_owned(obj, m.workspace_secret(ws), self.core.create_namespaced_secret,
+                                    self.core.read_namespaced_secret, self.core.patch_namespaced_secret)):
+            return None, b, False
+        if (svc := m.workers_service(ws)) and (b := self._ensure_owned(obj, svc, self.core.create_namespaced_service,
+                                                                       self.core.read_namespaced_service)):
+            return None, b, False
         job = m.tuning_job(ws, self.settings, config, revision=revision)
         kopf.adopt(job, owner=obj)
         self.seen.expect("Job", job)
@@ -289,6 +301,36 @@ class Reconciler:
             return None, {"reason": "PreviousJobDeleting",
                           "message": "waiting for the job of the previous revision to be deleted"}, False
         return current, None, False
+
+    def _ensure_owned(self, owner: dict, want: dict, create, read, patch=None) -> dict | None:
+        """Create ``want`` (owned by the workspace); if it exists, check it is the workspace's and (with ``patch``)
+        bring its data up to date. A blocker when an object of that name is someone else's: never overwritten."""
+        kopf.adopt(want, owner=owner)
+        meta = want["metadata"]
+        try:
+            create(meta["namespace"], want)
+            return None
+        except ApiException as e:
+            if _api_status(e) != 409:
+                raise
+        current = _json(read, meta["name"], meta["namespace"])
+        if not d.owned_by(current, owner["metadata"].get("uid"), owner["metadata"]["name"]):
+            return d.conflict(want["kind"], meta["name"], meta["namespace"])
+        del current  # a Secret's data: not kept
+        if patch is not None:
+            patch(meta["name"], meta["namespace"], {k: want[k] for k in ("stringData", "data") if k in want})
+        return None
+
+    def _output_image_conflict(self, ws: Workspace, obj: dict) -> dict | None:
+        """OutputImageConflict when a workspace created earlier pushes to the same repository:tag."""
+        items = self.custom.list_cluster_custom_object(GROUP, STORAGE_VERSION, PLURAL).get("items") or []
+        first = d.output_image_owner(obj, items)
+        if first is None:
+            return None
+        return {"reason": "OutputImageConflict",
+                "message": f"tuning.output.image {ws.tuning.output.image!r} is also the output of workspace {first} "
+                           "(created earlier): each run would overwrite the other's adapter; choose another tag or "
+                           "repository"}
 
     @staticmethod
     def _create_ignoring_conflict(create) -> None:
@@ -327,8 +369,17 @@ class Reconciler:
 
     # ---------------------------------------------------------------- nodes
 
-    def _ensure_nodeclaim(self, ws: Workspace) -> tuple[dict | None, dict | None]:
-        claim = m.nodeclaim(ws)
+    def _ensure_nodeclaims(self, ws: Workspace) -> tuple[list[dict | None], dict | None]:
+        """Every node's NodeClaim (one per node of the run), created when missing."""
+        claims, blocker = [], None
+        for i in range(m.node_count(ws)):
+            claim, b = self._ensure_nodeclaim(ws, i)
+            claims.append(claim)
+            blocker = blocker or b
+        return claims, blocker
+
+    def _ensure_nodeclaim(self, ws: Workspace, index: int = 0) -> tuple[dict | None, dict | None]:
+        claim = m.nodeclaim(ws, index)
         name = claim["metadata"]["name"]
         try:
             return self.custom.get_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name), None
@@ -348,13 +399,14 @@ class Reconciler:
             raise
 
     def _delete_nodeclaim(self, ws: Workspace) -> None:
-        try:
-            self.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", m.nodeclaim_name(ws))
-            logs.decision(f"{ws.namespace}/{ws.name}", "release-nodeclaim",
-                          f"released NodeClaim {m.nodeclaim_name(ws)}")
-        except ApiException as e:
-            if _api_status(e) != 404:
-                raise
+        """Delete every NodeClaim of the workspace (one per node)."""
+        for name in m.nodeclaim_names(ws):
+            try:
+                self.custom.delete_cluster_custom_object("karpenter.sh", "v1", "nodeclaims", name)
+                logs.decision(f"{ws.namespace}/{ws.name}", "release-nodeclaim", f"released NodeClaim {name}")
+            except ApiException as e:
+                if _api_status(e) != 404:
+                    raise
 
     # ---------------------------------------------------------------- inference
 

@@ -29,6 +29,9 @@ KAITO_WEBHOOK_CONFIGURATION            name of the ValidatingWebhookConfiguratio
                                        declared by hand (operator/cert-manager/)
 KAITO_WEBHOOK_INSECURE                 true: plain HTTP on 127.0.0.1 (tests only)
 KAITO_LOG_LEVEL                        DEBUG, INFO (default), WARNING or ERROR; the log is JSON lines
+KAITO_ALLOWED_VOLUME_TYPES             comma list of the volume types a workspace may mount (input,
+                                       adapters; output: the same less configMap); default:
+                                       persistentVolumeClaim,emptyDir,csi,nfs,azureFile,configMap
 =====================================  ==========================================================
 """
 
@@ -38,10 +41,17 @@ import os
 from dataclasses import dataclass, fields
 
 from kaito_tuning.errors import UserError
+from kaito_tuning.spec.rules import INPUT_VOLUME_TYPES
 
 DEFAULT_TUNER_IMAGE = "ghcr.io/kaito-tuning/tuner:0.1.0"
 RELEASE_POLICIES = ("OnCompletion", "OnDelete")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: every volume type of a Kubernetes VolumeSource (what an allow-list may name)
+KUBERNETES_VOLUME_TYPES = (
+    "awsElasticBlockStore", "azureDisk", "azureFile", "cephfs", "cinder", "configMap", "csi", "downwardAPI",
+    "emptyDir", "ephemeral", "fc", "flexVolume", "flocker", "gcePersistentDisk", "gitRepo", "glusterfs", "hostPath",
+    "image", "iscsi", "nfs", "persistentVolumeClaim", "photonPersistentDisk", "portworxVolume", "projected",
+    "quobyte", "rbd", "scaleIO", "secret", "storageos", "vsphereVolume")
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,12 @@ class Settings:
     webhook_configuration: str | None = None
     webhook_insecure: bool = False
     log_level: str = "INFO"
+    allowed_volume_types: str = ",".join(INPUT_VOLUME_TYPES)
+
+    @property
+    def volume_types(self) -> tuple[str, ...]:
+        """``allowed_volume_types`` as the tuple ``validate_workspace(volume_types=...)`` takes."""
+        return tuple(t.strip() for t in self.allowed_volume_types.split(",") if t.strip())
 
     def __post_init__(self):
         if self.nodeclaim_release not in RELEASE_POLICIES:
@@ -82,6 +98,11 @@ class Settings:
         if not 0 <= self.webhook_port <= 65535:
             raise UserError(f"must be a port (0: no webhook), got {self.webhook_port}",
                             field=env_name("webhook_port"), reason="InvalidSetting")
+        unknown = [t for t in self.volume_types if t not in KUBERNETES_VOLUME_TYPES]
+        if unknown or not self.volume_types:
+            raise UserError(f"must be a comma list of Kubernetes volume types ({', '.join(INPUT_VOLUME_TYPES)}, ...); "
+                            + (f"unknown: {', '.join(unknown)}" if unknown else "it is empty"),
+                            field=env_name("allowed_volume_types"), reason="InvalidSetting")
         if self.job_backoff_limit < 0:
             raise UserError(f"must be 0 or more, got {self.job_backoff_limit}", field=env_name("job_backoff_limit"),
                             reason="InvalidSetting")

@@ -193,9 +193,50 @@ def stage(pod: dict | None) -> str | None:
 
 
 def progress_pod(pods: list[dict]) -> dict | None:
-    """The newest pod whose tuner container runs (as an init container or not) and that has an IP."""
-    live = [p for p in pods if running_container(p) == "tuner" and (p.get("status") or {}).get("podIP")]
+    """The newest pod whose tuner container runs (as an init container or not) and that has an IP; on several
+    nodes, node 0's (its rank 0 alone serves /progress)."""
+    live = [p for p in pods if running_container(p) == "tuner" and (p.get("status") or {}).get("podIP")
+            and pod_index(p) in (None, 0)]
     return newest_first(live)[0] if live else None
+
+
+# ------------------------------------------------------------------ several nodes (an Indexed Job)
+
+#: the Job controller's annotation (and label) with an Indexed Job pod's completion index: its node rank
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+
+
+def pod_index(pod: dict) -> int | None:
+    """The pod's completion index (node rank) in an Indexed Job; None for a plain Job's pod."""
+    meta = pod.get("metadata") or {}
+    raw = (meta.get("annotations") or {}).get(INDEX_KEY, (meta.get("labels") or {}).get(INDEX_KEY))
+    try:
+        return int(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def current_pods(pods: list[dict]) -> list[dict]:
+    """The newest pod of each index (node), by index; the newest pod of a plain Job."""
+    out: dict = {}
+    for p in newest_first(pods):
+        out.setdefault(pod_index(p), p)
+    return [out[k] for k in sorted(out, key=lambda i: -1 if i is None else i)]
+
+
+def worker_nodes(pods: list[dict]) -> list[str]:
+    """Kaito's ``workerNodes``: the nodes the run's current pods are on (one per node of a multi-node run)."""
+    return sorted({n for p in current_pods(pods) if (n := (p.get("spec") or {}).get("nodeName"))})
+
+
+def _with_rank(pod: dict, failure: dict) -> dict:
+    """A failure of node ``i`` of a multi-node run says which node and where."""
+    i = pod_index(pod)
+    if i is None:
+        return failure
+    node = (pod.get("spec") or {}).get("nodeName")
+    where = f"node {i}" + (f" ({node})" if node else "")
+    return {**failure, "rank": i, **({"node": node} if node else {}), "message": f"{where}: {failure['message']}"}
 
 
 # ------------------------------------------------------------------ progress
@@ -253,7 +294,9 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
         conds.append(condition("NodeClaimReady", node_ready, reason, msg))
 
     pods = newest_first(pods)[::-1]
-    latest = pods[-1] if pods else None
+    # on several nodes the stage is node 0's (it trains rank 0, reports progress and pushes)
+    lead = [p for p in pods if pod_index(p) in (None, 0)] or pods
+    latest = lead[-1] if lead else None
     done = _job_condition(job, "Complete", "SuccessCriteriaMet") if job else None
     failed = _job_condition(job, "Failed", "FailureTarget") if job else None
     js = (job or {}).get("status") or {}
@@ -294,8 +337,11 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
         started = condition("JobStarted", False, reason, msg)
         ws = condition("WorkspaceSucceeded", False, reason, msg)
     else:
-        retries = js.get("failed") or 0
-        limit = (job.get("spec") or {}).get("backoffLimit")
+        jspec = job.get("spec") or {}
+        per_index = jspec.get("completionMode") == "Indexed" and "backoffLimitPerIndex" in jspec
+        # a gang fails together: each attempt fails one pod per node
+        retries = -(-(js.get("failed") or 0) // (jspec.get("completions") or 1)) if per_index else js.get("failed") or 0
+        limit = jspec.get("backoffLimitPerIndex") if per_index else jspec.get("backoffLimit")
         stuck = pod_blocker(latest) if latest is not None else None
         doing = stage(latest)
         is_running = latest is not None and (doing is not None or _started(latest)) and \
@@ -332,20 +378,28 @@ def tuning_status(previous: dict | None, *, generation: int | None, job: dict | 
     conds += [res, started, ws]
     return {
         "state": state,
-        "targetNodeCount": 1,
+        "targetNodeCount": ((job or {}).get("spec") or {}).get("completions") or 1,
+        "workerNodes": worker_nodes(pods),
         "conditions": merge_conditions(previous.get("conditions"), conds, generation, now),
         "tuning": tuning,
     }
 
 
 def _failure(job: dict, pods: list[dict]) -> dict:
-    """Why the run (or its last attempt) failed: the newest failed pod's container, else the Job's condition."""
-    for pod in newest_first(pods):
-        if (f := container_failure(pod)):
-            return f
+    """Why the run (or its last attempt) failed: the newest failed pod's container, else the Job's condition.
+
+    On several nodes the ranks fail together (the others lose their collective): a user error or an out of
+    memory on any node is the cause and is shown before the newest failure; each names its node.
+    """
+    failures = [(pod, f) for pod in newest_first(pods) if (f := container_failure(pod))]
+    telling = [(pod, f) for pod, f in failures if f["exitCode"] in (EXIT_USER_ERROR, EXIT_OUT_OF_MEMORY)
+               or f["reason"] == "OutOfMemory"]
+    if failures:
+        return _with_rank(*(telling or failures)[0])
     for pod in newest_first(pods):
         if (b := pod_blocker(pod)):
-            return {"reason": b["reason"], "message": b["message"], **({"container": b["container"]} if "container" in b else {})}
+            return _with_rank(pod, {"reason": b["reason"], "message": b["message"],
+                                    **({"container": b["container"]} if "container" in b else {})})
     c = _job_condition(job, "Failed", "FailureTarget") or {}
     reason = c.get("reason") or "JobFailed"
     msg = c.get("message") or "the tuning job failed"

@@ -13,8 +13,9 @@ from urllib.parse import urlsplit
 
 from kaito_tuning.artifacts import reference as imageref
 from kaito_tuning.errors import Problem, ValidationError
+from kaito_tuning.spec import memory
 from kaito_tuning.spec.files import bounded, short
-from kaito_tuning.spec.instances import UnknownInstanceType, fitting, get_instance_type
+from kaito_tuning.spec.instances import INSTANCE_TYPES, UnknownInstanceType, get_instance_type
 from kaito_tuning.spec.presets import METHODS, UnknownPreset, get_preset
 from kaito_tuning.spec.workspace import (
     GROUP,
@@ -190,8 +191,7 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
                                                   f"it supports {', '.join(preset.methods)}"))
     if ws.resource is not None:
         r = ws.resource
-        if r.count != 1:
-            p.append(Problem("resource.count", f"tuning runs on exactly one node; set count to 1 (got {r.count})"))
+        p += _node_count_problems(ws)
         if r.instance_type:
             try:
                 inst = get_instance_type(r.instance_type)
@@ -202,16 +202,8 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
                     p.append(Problem("resource.instanceType",
                                      f"{inst.name} has {inst.gpu_model} accelerators; the tuner runs on NVIDIA GPUs "
                                      "(CUDA): choose an NVIDIA instance type, e.g. Standard_NC24ads_A100_v4"))
-                need = preset.gpu_memory_gib.get(method) if preset and method and inst.cuda else None
-                if need and inst.gpu_memory_gib < need:
-                    fits = ", ".join(f"{i.name} ({i.gpu_memory_gib} GiB)" for i in fitting(need))
-                    alt = ""
-                    if method == "lora" and preset.gpu_memory_gib.get("qlora", need) <= inst.gpu_memory_gib:
-                        alt = "; or use method qlora, which fits"
-                    p.append(Problem("resource.instanceType",
-                                     f"{preset.name} with {method} needs about {need:g} GiB of GPU memory, but "
-                                     f"{inst.name} has {inst.gpu_memory_gib} GiB per GPU ({inst.gpu_model}); "
-                                     f"instance types that fit: {fits}{alt}"))
+                elif preset and method:
+                    p += _memory_problems(preset, method, inst, r.count if isinstance(r.count, int) else 1)
     if t.config is not None and (e := dns_subdomain_problem(t.config, "tuning.config")):
         p.append(e)
     if t.input is not None:
@@ -219,6 +211,52 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
     if t.output is not None:
         p += _validate_output(t.output, "tuning.output")
     return p
+
+
+#: nodes one tuning run may span (resource.count)
+MAX_TUNING_NODES = 64
+
+
+def _node_count_problems(ws: Workspace) -> list[Problem]:
+    """resource.count for tuning: 1 to MAX_TUNING_NODES; several nodes write their output to an image."""
+    count = ws.resource.count
+    if not isinstance(count, int) or not 1 <= count <= MAX_TUNING_NODES:
+        return [Problem("resource.count", f"tuning runs on 1 to {MAX_TUNING_NODES} nodes; got {short(count)}")]
+    if count == 1:
+        return []
+    p = []
+    if ws.tuning.output is not None and ws.tuning.output.volume_source:
+        p.append(Problem("resource.count", f"{count} nodes cannot share tuning.output.volumeSource: every node keeps "
+                                           "its own checkpoints in the output directory; use tuning.output.image "
+                                           "(node 0 pushes the adapter) or count 1"))
+    name = (ws.metadata or {}).get("name")
+    # an Indexed Job's pods are named (and their hostnames are) <job>-<index>: a DNS label, at most 63 characters
+    if isinstance(name, str) and len(name) + len(f"-{count - 1}") > 63:
+        p.append(Problem("metadata.name", f"is too long for {count} nodes: the pods' hostnames are <name>-<index>, "
+                                          f"at most 63 characters; use at most {63 - len(f'-{count - 1}')} characters"))
+    return p
+
+
+def _memory_problems(preset, method: str, inst, nodes: int) -> list[Problem]:
+    """The GPU-memory check, per GPU: one whole model per GPU, or sharded over every GPU of the nodes (FSDP)."""
+    choice = memory.choose(preset, method, inst, nodes)
+    if choice.fits:
+        return []
+    candidates = {t.name: t for t in INSTANCE_TYPES.values() if t.cuda}.values()
+    fitting_types = sorted((t for t in candidates if memory.choose(preset, method, t, nodes).fits),
+                           key=lambda t: (t.total_gpu_memory_gib, t.gpu_memory_gib, t.cloud != "azure", t.name))
+    fits = ", ".join(f"{t.name} ({t.gpu_count}x{t.gpu_memory_gib} GiB)" for t in fitting_types[:4]) or "none"
+    alt = ""
+    if method == "lora" and preset.supports("qlora") and memory.choose(preset, "qlora", inst, nodes).fits:
+        alt = "; or use method qlora, which fits"
+    where = f"{nodes} nodes of {inst.name} have" if nodes > 1 else f"{inst.name} has"
+    sharded = ""
+    if nodes * inst.gpu_count > 1:
+        sharded = f"; sharded over all {nodes * inst.gpu_count} GPUs (FSDP) still about {choice.per_gpu_gib:.0f} GiB"
+    return [Problem("resource.instanceType",
+                    f"{preset.name} with {method} needs about {choice.need_gib:g} GiB of GPU memory, but {where} "
+                    f"{inst.gpu_memory_gib} GiB per GPU ({inst.gpu_model}){sharded}; instance types that fit: "
+                    f"{fits}{alt}")]
 
 
 def _validate_input(src: DataSource, path: str, allow_private_urls: bool) -> list[Problem]:

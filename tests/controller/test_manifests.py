@@ -73,9 +73,13 @@ def test_quick_start_job_follows_the_contract():
     assert job["metadata"]["annotations"]["workspace.kaito.io/revision"] == "3"
     assert [c["name"] for c in pod["initContainers"]] == ["download", "tuner"]
     assert [c["name"] for c in pod["containers"]] == ["push"]
+    secret = manifests.workspace_secret(ws)
+    assert json.loads(secret["stringData"]["workspace.json"])["tuning"]["method"] == "qlora"
     for c in _all(pod):
-        env = {e["name"]: e.get("value") for e in c["env"]}
-        assert json.loads(env["KAITO_WORKSPACE"])["tuning"]["method"] == "qlora"
+        env = {e["name"]: e for e in c["env"]}
+        # the workspace (dataset URLs may be signed) comes from its Secret, never inline in the Job
+        assert env["KAITO_WORKSPACE"] == {"name": "KAITO_WORKSPACE", "valueFrom": {"secretKeyRef": {
+            "name": secret["metadata"]["name"], "key": "workspace.json"}}}
         sc = c["securityContext"]
         assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"]["drop"] == ["ALL"]
     tuner = pod["initContainers"][1]
@@ -116,7 +120,10 @@ def test_volume_output_has_no_push_step_and_tuner_is_main():
     ws, _ = workspace("examples/fine-tuning/kaito_workspace_tuning_phi_3_with_pvc_volume.yaml")
     job = manifests.tuning_job(ws, Settings(), load_config(None, "lora"))
     pod = _pod(job)
-    assert [c["name"] for c in pod["containers"]] == ["tuner"] and pod["initContainers"] == []
+    # the download step makes the base weights local even when the data is a volume (mounted read-only there)
+    assert [c["name"] for c in pod["containers"]] == ["tuner"] and [c["name"] for c in pod["initContainers"]] == [
+        "download"]
+    assert {m["mountPath"]: m.get("readOnly", False) for m in pod["initContainers"][0]["volumeMounts"]}["/mnt/data"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["data"]["persistentVolumeClaim"]["claimName"] == "dolly-dataset"
     assert vols["results"]["persistentVolumeClaim"]["claimName"] == "phi-3-adapter"
@@ -195,3 +202,121 @@ def test_one_training_process_per_gpu(instance_type, gpus):
     assert args.step == "train" and args.nproc_per_node == gpus and args.nnodes == 1
     argv = torchrun_argv(Topology(nproc_per_node=args.nproc_per_node), ["job", "train"])
     assert f"--nproc-per-node={gpus}" in argv
+
+
+# ------------------------------------------------------------------ several nodes (issue 12.2)
+
+def test_two_nodes_render_an_indexed_job_and_a_headless_service():
+    ws = _tuning_ws("Standard_NC96ads_A100_v4", count=2, name="phi-gang")
+    settings = Settings(node_auto_provisioning=True, job_backoff_limit=2)
+    objs = manifests.render(ws, settings)
+    for obj in objs:
+        if obj["kind"] != "NodeClaim":
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
+    claims = [o for o in objs if o["kind"] == "NodeClaim"]
+    assert len({c["metadata"]["name"] for c in claims}) == 2  # one node per rank group
+    job = next(o for o in objs if o["kind"] == "Job")
+    svc = next(o for o in objs if o["kind"] == "Service")
+    spec, pod = job["spec"], _pod(job)
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["backoffLimitPerIndex"] == 2 and spec["maxFailedIndexes"] == 0 and "backoffLimit" not in spec
+    assert spec["podFailurePolicy"]["rules"] == manifests.POD_FAILURE_RULES
+    # pod i is <job>-i.<service>: the service is headless, selects the Job's pods, ready or not
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert pod["subdomain"] == svc["metadata"]["name"]
+    assert svc["spec"]["selector"].items() <= job["spec"]["template"]["metadata"]["labels"].items()
+    tuner = next(c for c in _all(pod) if c["name"] == "tuner")
+    endpoint = f"phi-gang-0.{svc['metadata']['name']}.team-a.svc:29500"
+    assert tuner["args"] == ["job", "train", "--nproc-per-node", "4", "--nnodes", "2", "--node-rank",
+                             "$(JOB_COMPLETION_INDEX)", "--rdzv-endpoint", endpoint, "--rdzv-id", "phi-gang"]
+    for c in _all(pod):
+        # $(JOB_COMPLETION_INDEX) is expanded by Kubernetes from the container's own env (no shell)
+        env = {e["name"]: e for e in c["env"]}
+        assert env["JOB_COMPLETION_INDEX"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+        assert c.get("command") == ["kaito-tuning"]
+    # the tuner's CLI reads what Kubernetes makes of the args on pod 1
+    from kaito_tuning.tuner.distributed import Topology, torchrun_argv
+
+    expanded = [a.replace("$(JOB_COMPLETION_INDEX)", "1") for a in tuner["args"]]
+    a = cli.build_parser().parse_args(expanded)
+    topo = Topology(nproc_per_node=a.nproc_per_node, nnodes=a.nnodes, node_rank=a.node_rank,
+                    rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id)
+    argv = torchrun_argv(topo, ["job", "train"])
+    assert {"--nnodes=2", "--node-rank=1", f"--rdzv-endpoint={endpoint}", "--rdzv-backend=c10d"} <= set(argv)
+    assert topo.world_size == 8
+    # the push step is on every pod and told its index (node 0 alone pushes)
+    push = pod["containers"][0]
+    assert push["name"] == "push" and push["args"] == ["job", "push", "--node-rank", "$(JOB_COMPLETION_INDEX)"]
+    assert cli.build_parser().parse_args(["job", "push", "--node-rank", "1"]).node_rank == 1
+    # every node downloads its own inputs and weights (no shared volume assumed)
+    assert [c["name"] for c in pod["initContainers"]] == ["download", "tuner"]
+
+
+def test_two_nodes_with_checkpoint_storage_share_one_rwx_volume_in_per_node_directories():
+    ws = _tuning_ws("Standard_NC24ads_A100_v4", count=2)
+    objs = manifests.render(ws, Settings(checkpoint_storage=True))
+    pvc = next(o for o in objs if o["kind"] == "PersistentVolumeClaim")
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    job = next(o for o in objs if o["kind"] == "Job")
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    for c in _all(_pod(job)):
+        for m in c["volumeMounts"]:
+            if m["name"] == "results":
+                assert m["subPathExpr"] == "node-$(JOB_COMPLETION_INDEX)"
+    single = manifests.checkpoint_pvc(_tuning_ws("Standard_NC24ads_A100_v4"), Settings(checkpoint_storage=True))
+    assert single["spec"]["accessModes"] == ["ReadWriteOnce"]
+
+
+# ------------------------------------------------------------------ models larger than one GPU (issue 12.3)
+
+@pytest.mark.parametrize("instance_type, preset, method, mode", [
+    ("Standard_NC24ads_A100_v4", "qwen2.5-coder-32b-instruct", "lora", "ddp"),     # 76 GiB fits one 80 GiB A100
+    ("Standard_ND96asr_v4", "qwen2.5-coder-32b-instruct", "lora", "fsdp"),         # 8 x 40 GiB
+    ("Standard_NC12s_v3", "phi-3-mini-128k-instruct", "qlora", "ddp"),
+    ("Standard_NC12s_v3", "phi-3-medium-128k-instruct", "qlora", "fsdp"),          # 18 GiB > 16, fits 2 x 16
+])
+def test_parallelism_is_chosen_shown_and_passed_to_the_tuner(instance_type, preset, method, mode, capsys, tmp_path):
+    ws = _tuning_ws(instance_type, preset=preset, method=method)
+    job = manifests.tuning_job(ws, Settings(), load_config(None, method))
+    shown = job["metadata"]["annotations"]["kaito.sh/parallelism"]
+    assert shown.startswith(f"{mode}: ")
+    tuner = next(c for c in _all(_pod(job)) if c["name"] == "tuner")
+    assert {e["name"]: e.get("value") for e in tuner["env"]}["KAITO_PARALLELISM"] == mode
+    if mode == "fsdp":
+        assert "GiB per GPU" in shown and "sharded over" in shown
+    # `kaito-tuning render` prints it
+    obj = yaml.safe_load(open("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"))
+    obj["resource"]["instanceType"] = instance_type
+    obj["tuning"].update(method=method, preset={"name": preset})
+    f = tmp_path / "ws.yaml"
+    f.write_text(yaml.safe_dump(obj))
+    assert cli.main(["render", str(f)]) == 0
+    rendered = [d for d in yaml.safe_load_all(capsys.readouterr().out) if d]
+    assert next(d for d in rendered if d["kind"] == "Job")["metadata"]["annotations"]["kaito.sh/parallelism"] == shown
+
+
+# ------------------------------------------------------------------ the download step (issue 10.1, lead's wiring)
+
+def test_download_step_prefetches_weights_and_sees_the_output_read_only():
+    obj = yaml.safe_load(open("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"))
+    obj["metadata"]["namespace"] = "team-a"
+    obj["apiVersion"] = "kaito.sh/v1beta1"
+    obj["tuning"]["preset"]["presetOptions"] = {"modelAccessSecret": "hf-token"}
+    ws = load_workspace(obj)
+    cfg = load_config("training_config:\n  QuantizationConfig: {load_in_4bit: true}\n  TrainingArguments:\n"
+                      "    output_dir: /mnt/out\n", "qlora")
+    job = manifests.tuning_job(ws, Settings(checkpoint_storage=True), cfg)
+    download = _pod(job)["initContainers"][0]
+    assert download["name"] == "download"
+    env = {e["name"]: e for e in download["env"]}
+    assert env["KAITO_PREFETCH_WEIGHTS"]["value"] == "1"
+    assert env["HF_HOME"]["value"] == "/mnt/hf-cache"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"  # gated weights
+    mounts = {m["name"]: m for m in download["volumeMounts"]}
+    assert mounts["hf-cache"]["mountPath"] == "/mnt/hf-cache" and not mounts["hf-cache"].get("readOnly")
+    assert mounts["results"] == {"name": "results", "mountPath": "/mnt/out", "readOnly": True}
+    tuner = _pod(job)["initContainers"][1]
+    assert {m["name"]: m["mountPath"] for m in tuner["volumeMounts"]}["hf-cache"] == "/mnt/hf-cache"

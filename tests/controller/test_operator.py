@@ -202,6 +202,7 @@ async def test_restart_mid_reconcile_leaves_exactly_one_job(kmock, kubeconfig):
         for n in names:
             d = quick_start()
             d["metadata"]["name"] = n
+            d["tuning"]["output"]["image"] = f"registry.example.com/adapters/{n}:1"  # one output image each
             docs.append(yaml.safe_dump(d))
         await kubectl("apply", "-f", "-", input="---\n".join(docs))
         await eventually(lambda: get_obj(kmock, JOBS, "default", names[0]), 20, 0.01)
@@ -227,7 +228,9 @@ async def test_update_starts_a_new_run(kmock, kubeconfig):
         job2 = await eventually(lambda: (j := get_obj(kmock, JOBS, "default", NAME)) and
                                 j["metadata"]["uid"] != job1["metadata"]["uid"] and j)
         assert job2["metadata"]["annotations"][manifests.ANNOTATION_REVISION] == "2"
-        assert "other.parquet" in json.dumps(job2["spec"])
+        # the workspace the steps read is in its Secret (not the Job), updated for the new revision
+        secret = get_obj(kmock, "v1/secrets", "default", f"{NAME}-workspace")
+        assert "other.parquet" in json.dumps(secret) and "other.parquet" not in json.dumps(job2["spec"])
         await eventually(lambda: status(kmock).get("tuning", {}).get("revision") == 2)
 
 

@@ -212,3 +212,60 @@ def test_inference_ready_and_crash_looping(crash):
         assert "dolly not found" in cond(s, "InferenceReady")["message"]
     else:
         assert s["state"] == "Ready" and cond(s, "InferenceReady")["status"] == "True"
+
+
+# ------------------------------------------------------------------ several nodes: an Indexed Job
+
+def gang_job(count: int = 2, backoff: int = 1) -> dict:
+    obj = split_documents(load_documents(QUICK))[0][0]
+    obj["metadata"]["namespace"] = "default"
+    obj["resource"].update(count=count, instanceType="Standard_NC96ads_A100_v4")
+    obj["tuning"]["output"]["imagePushSecret"] = "acr-push"
+    job = manifests.tuning_job(load_workspace(obj), Settings(job_backoff_limit=backoff), load_config(None, "qlora"))
+    job["metadata"]["uid"] = "job-uid-2"
+    return job
+
+
+def test_every_worker_node_is_shown_and_node_0_gives_the_stage():
+    job = gang_job()
+    n0 = PodSim(job, index=0, node="gpu-a").run_through("tuner")
+    n1 = PodSim(job, index=1, node="gpu-b").run_through("download")
+    s = compute(*with_status(job, n0, n1))
+    assert s["workerNodes"] == ["gpu-a", "gpu-b"] and s["targetNodeCount"] == 2
+    assert s["state"] == "Running" and s["tuning"]["stage"] == "training"
+    # node 0's pod serves /progress (rank 0), never node 1's
+    assert st.progress_pod([n1.pod(), n0.pod()])["metadata"]["name"] == n0.name
+    n1.finish("download").start("tuner")
+    assert st.progress_pod([n1.pod()]) is None
+
+
+def test_a_failed_rank_is_named_and_a_user_error_on_any_node_fails_the_gang():
+    job = gang_job()
+    n0 = PodSim(job, index=0, node="gpu-a").run_through("tuner")
+    n1 = PodSim(job, index=1, node="gpu-b").run_through("tuner").finish(
+        "tuner", 65, "DatasetInvalid: tuning.input.urls[0]: empty file")
+    # node 0 then loses its collective (transient), after node 1's user error
+    n0.finish("tuner", 75, "Transient: collective timed out")
+    assert not retried(job, [n0.pod(), n1.pod()])
+    s = compute(*with_status(job, n0, n1))
+    assert s["state"] == "Failed"
+    f = s["tuning"]["failure"]
+    assert (f["reason"], f["rank"], f["node"], f["exitCode"]) == ("DatasetInvalid", 1, "gpu-b", 65)
+    assert f["message"].startswith("node 1 (gpu-b): tuning.input.urls[0]")
+
+
+def test_a_lost_rank_retries_the_whole_gang_until_one_index_runs_out():
+    job = gang_job(backoff=1)
+    first = [PodSim(job, "a", index=i, node=f"gpu-{i}").run_through("tuner").finish("tuner", 1, "Error: lost peer")
+             for i in (0, 1)]
+    assert retried(job, [p.pod() for p in first])  # both indexes are recreated: the gang restarts
+    second = [PodSim(job, "b", index=i, node=f"gpu-{i}", created="2025-01-01T00:05:00Z").run_through("tuner")
+              for i in (0, 1)]
+    s = compute(*with_status(job, *first, *second))
+    assert s["state"] == "Running"
+    assert "attempt 1 of 2 failed" in cond(s, "WorkspaceSucceeded")["message"]
+    assert s["tuning"]["lastAttemptFailure"]["rank"] in (0, 1)
+    second[1].finish("tuner", 1, "Error: lost peer")  # index 1's second failure: past backoffLimitPerIndex 1
+    assert not retried(job, [p.pod() for p in (*first, *second)])
+    s = compute(*with_status(job, *first, *second))
+    assert s["state"] == "Failed" and s["tuning"]["failure"]["rank"] == 1
