@@ -73,8 +73,6 @@ def test_registry_down_during_push_then_back_pushes_what_was_trained(pod, script
     assert (tmp_path / "pulled" / ADAPTER_WEIGHTS).read_bytes() == trained
 
 
-@pytest.mark.xfail(strict=True, reason="a retried pod re-runs the download init container: a dataset URL that "
-                   "expired since (403/404, exit 65) fails the Job and the finished adapter is never pushed")
 def test_a_retried_push_does_not_need_the_dataset_again(pod, scripted, registry, waits, monkeypatch, tmp_path):
     relay = Relay(registry.host)
     image = f"{relay.host}/faults/expired:1"
@@ -89,9 +87,11 @@ def test_a_retried_push_does_not_need_the_dataset_again(pod, scripted, registry,
         _new_pod_volumes(pod)
         monkeypatch.setattr("kaito_tuning.tuner.recipe.train", _no_training)
         rcs = [pod.step(step) for step in ("download", "train", "push")]
+        requests = [path for path, *_ in scripted.seen]
     finally:
         relay.down()
     assert rcs == [0, 0, 0], pod.termination()
+    assert requests == ["/chat.parquet"]  # the retried pod asked for nothing: the expired URL is not needed
 
 
 # ---------------------------------------------------------------------------------------------
