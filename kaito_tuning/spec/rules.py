@@ -255,8 +255,8 @@ def _memory_problems(preset, method: str, inst, nodes: int) -> list[Problem]:
         sharded = f"; sharded over all {nodes * inst.gpu_count} GPUs (FSDP) still about {choice.per_gpu_gib:.0f} GiB"
     return [Problem("resource.instanceType",
                     f"{preset.name} with {method} needs about {choice.need_gib:g} GiB of GPU memory, but {where} "
-                    f"{inst.gpu_memory_gib} GiB per GPU ({inst.gpu_model}){sharded}; instance types that fit: "
-                    f"{fits}{alt}")]
+                    f"{inst.gpu_memory_gib} GiB per GPU ({inst.gpu_model}){sharded}{alt}; instance types that fit: "
+                    f"{fits}")]
 
 
 def _validate_input(src: DataSource, path: str, allow_private_urls: bool) -> list[Problem]:

@@ -161,3 +161,35 @@ def merge_exit_codes(rank_codes: list[int]) -> int:
         if code in codes:
             return code
     return codes[0] if codes else 1
+
+
+# ---- FSDP: when the operator found the model too large for one GPU (KAITO_PARALLELISM=fsdp, spec/memory.py)
+
+def fsdp_arguments(mode: str | None, quantized: bool) -> dict:
+    """SFTConfig settings that shard the model over every rank (FSDP), or {} for DDP (one whole model per GPU).
+
+    FULL_SHARD over all ranks, wrapped per decoder layer (transformers falls back to the model's
+    ``_no_split_modules``; the Trainer wraps LoRA layers apart, so frozen and trainable weights are never
+    in one flat parameter); weights read by rank 0 only and broadcast (``cpu_ram_efficient_loading``);
+    FSDP's own activation checkpointing instead of the Trainer's (which adds an all-gather per layer);
+    checkpoints saved sharded, one file per rank. CPU offload is off: it is never chosen for the user.
+    FSDP2 for both methods (transformers deprecates FSDP1); with QLoRA (``quantized``) the 4-bit weights
+    can only be sharded when stored in a float dtype: ``fsdp_quantization`` sets that where the model is
+    loaded, and nothing here differs.
+
+    Not run on this project's CPU machines (FSDP needs GPUs with NCCL): only these arguments are tested.
+    """
+    if mode != "fsdp":
+        return {}
+    config = {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+              "reshard_after_forward": True, "cpu_offload": False, "cpu_ram_efficient_loading": True,
+              "activation_checkpointing": True, "state_dict_type": "SHARDED_STATE_DICT"}
+    return {"fsdp": True, "fsdp_config": config, "gradient_checkpointing": False}
+
+
+def fsdp_quantization(mode: str | None, quantization: dict | None, compute_dtype: str) -> dict | None:
+    """The QuantizationConfig section for FSDP: ``bnb_4bit_quant_storage`` = the compute dtype, so FSDP can
+    shard the 4-bit weights (it shards tensors of one float dtype); unchanged under DDP or when the user set it."""
+    if mode != "fsdp" or not quantization or not quantization.get("load_in_4bit"):
+        return quantization
+    return {"bnb_4bit_quant_storage": compute_dtype, **quantization}
