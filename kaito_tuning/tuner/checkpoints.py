@@ -52,3 +52,23 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
         if state.get("global_step") == step and (d / ADAPTER_WEIGHTS).is_file():
             found.append((step, d))
     return max(found)[1] if found else None
+
+
+def checkpoint_is_final(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was written at the run's last step (its trainer_state says so)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
+
+
+def restore_final_checkpoint(trainer, checkpoint: Path) -> dict:
+    """Load a final checkpoint's adapter weights and trainer state into ``trainer`` (no step is taken)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / ADAPTER_WEIGHTS)))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return {}

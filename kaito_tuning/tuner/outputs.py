@@ -34,7 +34,10 @@ def completed_adapter(out: str | Path, fp: str | None = None) -> dict | None:
 
 
 def clear_adapter(out: Path) -> None:
-    """Remove a previous adapter so nothing looks complete until this run has written its own."""
+    """Remove a previous adapter so nothing looks complete until this run has written its own
+    (and the staging directories of runs that died while saving)."""
+    for stale in out.glob(".adapter-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     for name in (ADAPTER_CONFIG, METADATA_FILE, ADAPTER_WEIGHTS):
         (out / name).unlink(missing_ok=True)
 

@@ -37,7 +37,14 @@ from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.tuner import distributed
 from kaito_tuning.tuner.base_model import load_base, model_dir_from_config, resolve_dtype, resolve_preset
-from kaito_tuning.tuner.checkpoints import CHECKPOINTS, fingerprint, newest_checkpoint, prepare_checkpoints
+from kaito_tuning.tuner.checkpoints import (
+    CHECKPOINTS,
+    checkpoint_is_final,
+    fingerprint,
+    newest_checkpoint,
+    prepare_checkpoints,
+    restore_final_checkpoint,
+)
 from kaito_tuning.tuner.formats import Splits
 from kaito_tuning.tuner.outputs import (
     LOSS_CURVE,
@@ -159,7 +166,13 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
                 progress.update(phase="evaluating")
             initial_eval = trainer.evaluate()["eval_loss"]
         t0 = time.monotonic()
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if resume is not None and checkpoint_is_final(resume):
+            # the run died after its last checkpoint, before the adapter was in place: do not take another
+            # step (the Trainer would: it checks max_steps only after stepping); save what was trained
+            log.info("%s is the run's last step; saving its adapter without training further", resume.name)
+            train_metrics = restore_final_checkpoint(trainer, resume)
+        else:
+            train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
         seconds = time.monotonic() - t0
         final_eval = None
         if eval_ds is not None:
@@ -176,7 +189,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     if progress:
         progress.update(phase="saving", eval_loss=final_eval)
     history = trainer.state.log_history
-    train_loss = _last(history, "loss") or result.metrics.get("train_loss")
+    train_loss = _last(history, "loss") or train_metrics.get("train_loss")
     tokens_per_s = _tokens_per_second(history, resumed_step, seconds)
     meta = {
         "preset": p.name, "base_model": p.repo, "base_revision": mcfg.revision or p.revision, "method": method,

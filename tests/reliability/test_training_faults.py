@@ -148,8 +148,6 @@ class _Killed(BaseException):
     """Stands for SIGKILL in process: nothing after it runs, no handler catches it."""
 
 
-@pytest.mark.xfail(strict=True, reason="resuming from the final checkpoint (global_step == max_steps) trains one "
-                   "step more: transformers' loop checks max_steps only after a step")
 def test_killed_after_the_last_checkpoint_the_rerun_trains_no_extra_step(pod, datasets_dir, monkeypatch):
     import kaito_tuning.tuner.recipe as recipe
 
