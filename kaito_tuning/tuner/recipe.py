@@ -10,9 +10,10 @@ to ``trl.SFTConfig``. Around the user's values the recipe sets what the hardware
   per-sequence cost. SDPA would build a dense mask over the whole pack (quadratic cost; see
   docs/benchmarks.md), so packing is not the default with it.
 
-Loss masks come from TRL's own collator: assistant tokens only for chat data when the chat template
-is (or can be patched to be) training-compatible, else the final assistant turn as a completion;
-completion tokens only for prompt/completion data.
+Loss masks are TRL's: assistant tokens only for chat data when the chat template is (or can be patched
+to be) training-compatible, else the final assistant turn as a completion; completion tokens only for
+prompt/completion data. The data is tokenized and masked by ``dataprep.py`` (row for row what TRL's
+preparation makes, in bulk, cached under the output directory) and handed to TRL ready.
 
 A restarted run resumes from its newest complete checkpoint (``checkpoints.py``); the adapter and
 its metadata are written by ``outputs.py`` so that a run that dies never leaves one that looks complete.
@@ -35,7 +36,7 @@ from kaito_tuning import redact
 from kaito_tuning.contract import ADAPTER_CONFIG, METADATA_FILE
 from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
-from kaito_tuning.tuner import distributed
+from kaito_tuning.tuner import dataprep, distributed
 from kaito_tuning.tuner.base_model import load_base, model_dir_from_config, resolve_dtype, resolve_preset
 from kaito_tuning.tuner.checkpoints import (
     CHECKPOINTS,
@@ -58,6 +59,8 @@ from kaito_tuning.tuner.outputs import (
 
 log = logging.getLogger(__name__)
 
+#: the prepared data's cache, under the output directory (hidden: never pushed with the adapter)
+DATAPREP_CACHE = ".cache"
 #: attention implementations that keep packed sequences apart without a dense mask
 PACKING_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
@@ -83,6 +86,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     from transformers import set_seed
     from trl import SFTConfig, SFTTrainer
 
+    t_start = time.monotonic()
+    timings: dict[str, float] = {}  # seconds: load (model, tokenizer), prepare (data, trainer), train, save
     p = resolve_preset(preset)
     on_gpu = torch.cuda.is_available()
     distributed.init(on_gpu)  # one of several processes (torchrun): join the group first
@@ -136,23 +141,27 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     if mcfg.chat_template:
         tokenizer.chat_template = _read_template(mcfg.chat_template)
 
-    # ---- 2. data in the form the loss mask needs
-    train_ds, eval_ds, loss_mask = choose_loss_mask(data, tokenizer)
+    # ---- 2. the loss mask the chat template allows
+    loss_mask = loss_mask_for(data, tokenizer)
 
     # ---- 3. LoRA: the preset's target modules unless the config names its own
     lora = LoraConfig(**lora_arguments(p.target_modules, config.section("LoraConfig")))
 
     # ---- 4. SFTConfig: hardware defaults < the ConfigMap < what this run must have
     sft_args = training_arguments(user_args, ckpt_dir=ckpt_dir, on_gpu=on_gpu, dtype=dtype, packing=packing,
-                                  has_eval=eval_ds is not None, loss_mask=loss_mask, seed=seed,
+                                  has_eval=data.eval is not None, loss_mask=loss_mask, seed=seed,
                                   max_steps=max_steps, show_progress=show_progress)
     callbacks = []
     if progress:
         from kaito_tuning.tuner.progress import make_callback
 
         callbacks.append(make_callback(progress))
-    trainer = SFTTrainer(model=model, args=SFTConfig(**sft_args), train_dataset=train_ds, eval_dataset=eval_ds,
+    args = SFTConfig(**sft_args)
+    timings["load"] = round(time.monotonic() - t_start, 2)
+    train_ds, eval_ds, prep = prepare_data(data, tokenizer, args, loss_mask, out)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+    timings["prepare"] = round(time.monotonic() - t_start - timings["load"], 2)
 
     # ---- 5. train (resuming from the newest complete checkpoint), evaluate
     resume = newest_checkpoint(ckpt_dir)
@@ -174,6 +183,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         else:
             train_metrics = trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
         seconds = time.monotonic() - t0
+        timings["train"] = round(seconds, 2)
         final_eval = None
         if eval_ds is not None:
             if progress:
@@ -201,7 +211,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         "datasets": [{"name": f.name, "url": redact.url(f.url) if f.url else None, "sha256": f.sha256, "size": f.size}
                      for f in data.files],
         "dataset_digests": [f"sha256:{f.sha256}" for f in data.files],
-        "train_rows": len(train_ds), "eval_rows": len(eval_ds) if eval_ds is not None else 0,
+        "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+        "data_preparation": prep,
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "resumed_from_step": resumed_step,
         "train_loss": train_loss, "initial_eval_loss": initial_eval, "eval_loss": final_eval,
         "tokens_per_second": tokens_per_s, "train_seconds": round(seconds, 1), "seed": seed,
@@ -209,6 +220,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         "nodes": distributed.nnodes(),
         "fingerprint": fp, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    t_save = time.monotonic()
+    meta["timings"] = timings
     stage = out / f".adapter-{os.getpid()}.tmp"
     shutil.rmtree(stage, ignore_errors=True)
     trainer.model.save_pretrained(stage)
@@ -218,6 +231,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     (stage / METADATA_FILE).write_text(json.dumps(meta, indent=1, default=str))
     (stage / MODEL_CARD).write_text(model_card(meta))
     publish(stage, out)
+    timings["save"] = round(time.monotonic() - t_save, 2)
+    log.info("seconds: %s", ", ".join(f"{k} {v}" for k, v in timings.items()))
     distributed.barrier()
     return TrainResult(adapter_dir=str(out), steps=trainer.state.global_step, train_loss=train_loss,
                        eval_loss=final_eval, initial_eval_loss=initial_eval, tokens_per_second=tokens_per_s,
@@ -240,21 +255,53 @@ def out_of_memory_is_fatal():
             "per_device_train_batch_size or max_length, use method qlora, or a GPU with more memory") from None
 
 
-def choose_loss_mask(data: Splits, tokenizer):
-    """(train, eval, loss mask name). Chat data keeps its turns when the template can mark assistant
-    tokens; otherwise each conversation becomes prompt (all but the last assistant turn) + completion."""
+def loss_mask_for(data: Splits, tokenizer) -> str:
+    """assistant_only (chat data whose template can mark assistant tokens), completion_only
+    (prompt/completion data; chat data whose template cannot: the last assistant turn is the completion)
+    or all_tokens (text)."""
     if data.form != "messages":
-        return data.train, data.eval, "completion_only" if data.form == "prompt_completion" else "all_tokens"
+        return "completion_only" if data.form == "prompt_completion" else "all_tokens"
     from trl.chat_template_utils import get_training_chat_template
 
     try:
         get_training_chat_template(tokenizer)
-        return data.train, data.eval, "assistant_only"
+        return "assistant_only"
     except ValueError:
         log.info("the chat template has no {%% generation %%} markers TRL can add; training on the last "
                  "assistant turn of each conversation as a completion")
+        return "completion_only"
+
+
+def choose_loss_mask(data: Splits, tokenizer):
+    """(train, eval, loss mask name) in the form TRL's own preparation needs for that mask: chat data whose
+    template cannot mark assistant tokens becomes prompt (all but the last assistant turn) + completion."""
+    mask = loss_mask_for(data, tokenizer)
+    if data.form != "messages" or mask != "completion_only":
+        return data.train, data.eval, mask
     conv = lambda ds: ds.map(_last_turn_as_completion, remove_columns=["messages"])  # noqa: E731
-    return conv(data.train), conv(data.eval) if data.eval is not None else None, "completion_only"
+    return conv(data.train), conv(data.eval) if data.eval is not None else None, mask
+
+
+def prepare_data(data: Splits, tokenizer, args, loss_mask: str, out: Path):
+    """(train, eval, how they were prepared): tokenized and masked by ``dataprep`` (cached under ``out``) and
+    handed to TRL ready (``skip_prepare_dataset``); where dataprep cannot, TRL prepares them as usual. Each
+    node's first process prepares (and caches); the others then read its cache."""
+    prepared = None
+    cache = out / DATAPREP_CACHE
+    if distributed.is_node_main():
+        prepared = dataprep.prepare_for_training(data, tokenizer, args, loss_mask=loss_mask, cache_dir=cache)
+    distributed.barrier()
+    if not distributed.is_node_main():
+        prepared = dataprep.prepare_for_training(data, tokenizer, args, loss_mask=loss_mask, cache_dir=cache)
+    if prepared is None:
+        train, eval_, _ = choose_loss_mask(data, tokenizer)
+        return train, eval_, {"by": "trl"}
+    # the masks are in the labels: TRL neither prepares the rows again nor looks for the chat turns they came from
+    args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    args.assistant_only_loss = False
+    return prepared.train, prepared.eval, {"by": "dataprep", "cached": prepared.cached,
+                                           "seconds": round(prepared.seconds, 2), "tokens": prepared.tokens,
+                                           "rows": len(prepared.train)}
 
 
 def _last_turn_as_completion(row: dict) -> dict:

@@ -65,6 +65,11 @@ def test_lora_on_chat_data_trains_assistant_tokens_only(tiny_phi3, datasets_dir,
     assert meta["loss_mask"] == "assistant_only" and meta["method"] == "lora" and meta["rank"] == 8
     assert meta["datasets"][0]["sha256"] == data.files[0].sha256 and meta["steps"] == 4
     assert meta["base_revision"] == "0a67737cc96d2554230f90338b163bc6380a2a85"
+    # the data was prepared in bulk (dataprep) and cached under the output directory, outside the adapter
+    prep = meta["data_preparation"]
+    assert prep["by"] == "dataprep" and not prep["cached"] and prep["tokens"] > 0
+    assert len(list((out / ".cache").glob("dataprep-*"))) == 1
+    assert set(meta["timings"]) >= {"load", "prepare", "train"}
     for f in ("adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md", "loss_curve.png"):
         assert (out / f).is_file(), f
     assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,542 @@
+"""Training-ready data, fast: row for row what TRL's SFTTrainer would prepare, computed in bulk and cached.
+
+TRL 1.16's ``SFTTrainer._prepare_dataset`` works one row at a time: a Jinja render and a one-text
+tokenizer call per row (two for prompt/completion rows), then Python list comprehensions to build the
+labels, truncate and filter, each step written back to Arrow row by row. Here the same result
+(``input_ids``, ``labels``, and ``seq_lengths`` when packed, in the same order) is computed in bulk:
+
+- every conversation rendered with the same template in one call (``render_jinja_template``);
+- every text tokenized in one call of the tokenizer's Rust batch encoder (all cores; offsets only
+  when the loss mask needs them);
+- prompt/completion chat rows: the rendered prompt and prompt+completion are the same text up to the
+  last special token before they differ (``<|im_start|>`` of the generation prompt, say). Tokenizers
+  split added tokens out before anything else, so the text before it tokenizes the same in both:
+  it is tokenized once, and only the short prompt tail and the completion on their own. Checked
+  against whole-text tokenization on the first rows; a tokenizer that disagrees gets whole texts;
+- labels, truncation and the filter of rows left without a trained token: numpy on the flat token array;
+- packing: TRL's own ``pack_dataset`` (Arrow already).
+
+The trainer then gets ``dataset_kwargs={"skip_prepare_dataset": True}``. A setting this module does not
+cover (a tokenizer without a Rust backend, a custom ``dataset_text_field``, ``chat_template_path``, a
+per-row ``tools`` column, ...) is left to TRL: ``prepare_for_training`` returns None.
+
+The result is cached under the output directory (``<output_dir>/.cache/dataprep-<key>``), keyed by the
+data (file digests and how rows were selected), the tokenizer, the template and every setting that changes
+the result, so a restarted pod does not redo it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kaito_tuning.tuner.inputs import DatasetInvalid
+
+log = logging.getLogger(__name__)
+
+#: bump when what this module produces changes: part of the cache key
+VERSION = 1
+CACHE_PREFIX = "dataprep-"
+#: rows whose split tokenization is checked against whole-text tokenization
+CHECK_ROWS = 32
+IGNORE = -100
+
+
+@dataclass
+class Prepared:
+    """Tokenized, masked (and truncated or packed) train/eval datasets for ``skip_prepare_dataset``."""
+
+    train: Any  # datasets.Dataset: input_ids, labels[, seq_lengths]
+    eval: Any | None
+    key: str
+    cached: bool
+    seconds: float
+    tokens: int  # tokens in the train dataset
+
+
+# ------------------------------------------------------------------ entry point
+
+def prepare_for_training(data, tokenizer, args, *, loss_mask: str, cache_dir: str | Path | None = None,
+                         key_extra: str = "") -> Prepared | None:
+    """What ``SFTTrainer(args=args, processing_class=tokenizer)`` would make of ``data`` (a ``formats.Splits``),
+    or None where TRL must prepare it itself. ``loss_mask`` is the recipe's choice (``recipe.loss_mask_for``):
+    ``completion_only`` on chat data means the last assistant turn is the completion."""
+    t0 = time.monotonic()
+    why = unsupported(data, tokenizer, args)
+    if why:
+        log.info("data preparation left to TRL: %s", why)
+        return None
+    template = training_template(tokenizer, args) if data.form != "text" else None
+    key = cache_key(data, tokenizer, args, loss_mask, template, key_extra)
+    entry = Path(cache_dir) / f"{CACHE_PREFIX}{key[:24]}" if cache_dir else None
+    if entry is not None:
+        hit = _load(entry, key)
+        if hit is not None:
+            train, eval_ = hit
+            log.info("prepared data from the cache (%s): %d train rows", entry, len(train))
+            return Prepared(train=train, eval=eval_, key=key, cached=True, seconds=time.monotonic() - t0,
+                            tokens=_token_count(train))
+    enc = _Encoder(tokenizer)
+    train = _prepare_split(data.train, data.form, enc, args, loss_mask, template, args.packing, "train")
+    eval_ = None
+    if data.eval is not None:
+        packing = args.packing if args.eval_packing is None else args.eval_packing
+        eval_ = _prepare_split(data.eval, data.form, enc, args, loss_mask, template, packing, "eval")
+    if entry is not None:
+        _store(entry, key, train, eval_)
+    seconds = time.monotonic() - t0
+    tokens = _token_count(train)
+    log.info("prepared %d train rows (%d tokens) in %.1f s", len(train), tokens, seconds)
+    return Prepared(train=train, eval=eval_, key=key, cached=False, seconds=seconds, tokens=tokens)
+
+
+def unsupported(data, tokenizer, args) -> str | None:
+    """Why TRL must prepare this data itself, or None."""
+    if getattr(tokenizer, "_tokenizer", None) is None or not hasattr(tokenizer._tokenizer, "encode_batch_fast"):
+        return f"{type(tokenizer).__name__} has no Rust tokenizer"
+    if getattr(args, "chat_template_path", None):
+        return "chat_template_path is set"
+    if args.dataset_text_field != "text":
+        return f"dataset_text_field is {args.dataset_text_field!r}"
+    if args.truncation_mode not in ("keep_start", "keep_end"):
+        return f"truncation_mode {args.truncation_mode!r}"
+    if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        return "skip_prepare_dataset is already set"
+    cols = set(data.train.column_names)
+    expected = {"messages": {"messages"}, "prompt_completion": {"prompt", "completion"}, "text": {"text"}}[data.form]
+    if cols != expected:
+        return f"columns {sorted(cols)}"
+    if args.assistant_only_loss and data.form == "text":
+        return "assistant_only_loss on text data"
+    return None
+
+
+def training_template(tokenizer, args) -> str:
+    """The chat template TRL renders with: a training template with ``{% generation %}`` markers for
+    assistant-only loss when the tokenizer's own has none, else the tokenizer's own."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if args.assistant_only_loss and not has_generation_markers(tokenizer.chat_template):
+        return get_training_chat_template(tokenizer)
+    return tokenizer.get_chat_template(None, None)
+
+
+# ------------------------------------------------------------------ cache
+
+def cache_key(data, tokenizer, args, loss_mask: str, template: str | None, extra: str = "") -> str:
+    import tokenizers
+    import transformers
+    import trl
+
+    backend = tokenizer._tokenizer
+    parts = {
+        "version": VERSION, "data": getattr(data, "key", None) or data.digests, "form": data.form,
+        "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+        "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest(),
+        "tokenizer_class": type(tokenizer).__name__, "special": tokenizer.special_tokens_map,
+        "split_special_tokens": getattr(tokenizer, "split_special_tokens", False),
+        "template": template, "loss_mask": loss_mask, "eos": _eos(tokenizer, args),
+        **{k: getattr(args, k, None) for k in ("max_length", "truncation_mode", "packing", "packing_strategy",
+                                               "eval_packing", "shuffle_dataset", "seed", "dataset_num_proc",
+                                               "completion_only_loss", "assistant_only_loss")},
+        "libraries": [trl.__version__, transformers.__version__, tokenizers.__version__], "extra": extra,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load(entry: Path, key: str):
+    from datasets import Dataset
+
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta.get("key") != key:
+            return None
+        train = Dataset.from_file(str(entry / "train.arrow"))
+        eval_ = Dataset.from_file(str(entry / "eval.arrow")) if meta.get("eval") else None
+        return train, eval_
+    except (OSError, ValueError, KeyError) as e:
+        if entry.exists():
+            log.warning("ignoring an unreadable data cache at %s (%s)", entry, e)
+        return None
+
+
+def _store(entry: Path, key: str, train, eval_) -> None:
+    """Write the entry beside its final place and rename it there (a crash never leaves half an entry);
+    older entries of the same directory are removed (a changed config makes them dead weight)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.parent / f".{entry.name}.{os.getpid()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        _write_arrow(train, tmp / "train.arrow")
+        if eval_ is not None:
+            _write_arrow(eval_, tmp / "eval.arrow")
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "version": VERSION, "eval": eval_ is not None}))
+        shutil.rmtree(entry, ignore_errors=True)
+        os.replace(tmp, entry)
+        for old in entry.parent.glob(f"{CACHE_PREFIX}*"):
+            if old != entry:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:  # a cache that cannot be written costs the next run time, not this one its result
+        log.warning("could not cache the prepared data at %s: %s", entry, e)
+
+
+def _write_arrow(ds, path: Path) -> None:
+    """One Arrow stream file (what ``Dataset.from_file`` memory-maps), rows in the dataset's order."""
+    import pyarrow as pa
+
+    table = ds.with_format("arrow")[:] if len(ds) else ds.data.table.slice(0, 0)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+# ------------------------------------------------------------------ one split
+
+def _prepare_split(ds, form: str, enc: _Encoder, args, loss_mask: str, template: str | None, packing: bool,
+                   name: str):
+    from datasets import Dataset
+
+    completion_only = args.completion_only_loss
+    if form == "messages" and loss_mask != "completion_only":
+        ids, masks = _tokenize_messages(_column(ds, "messages"), enc, template, args.assistant_only_loss, name)
+        completion_only = False  # TRL: a language-modeling dataset has no completion mask
+    elif form in ("messages", "prompt_completion"):
+        if form == "messages":  # the last assistant turn is the completion (templates without generation markers)
+            prompts, completions = _last_turn_split(_column(ds, "messages"))
+        else:
+            prompts, completions = _column(ds, "prompt"), _column(ds, "completion")
+        if completion_only is None:
+            completion_only = True
+        if prompts and isinstance(prompts[0], list):
+            ids, masks = _tokenize_chat_pairs(prompts, completions, enc, template, args.assistant_only_loss, name)
+        else:
+            eos = _eos(enc.tokenizer, args)
+            completions = [c if c.endswith(eos) else c + eos for c in completions]
+            ids, masks = _tokenize_text_pairs(prompts, completions, enc)
+    else:
+        eos = _eos(enc.tokenizer, args)
+        texts = [t if t.endswith(eos) else t + eos for t in _column(ds, "text")]
+        ids = enc.encode(texts, add_special_tokens=True)
+        masks = {}
+        completion_only = False
+    # labels: -100 wherever an applicable mask is 0 (completion mask only with completion_only_loss)
+    keep = np.ones(ids.values.size, dtype=bool)
+    if completion_only and "completion" in masks:
+        keep &= masks["completion"]
+    if "assistant" in masks:
+        keep &= masks["assistant"]
+    labels = np.where(keep, ids.values, IGNORE)
+    lengths = ids.lengths
+    values, labels, lengths = ids.values, labels, lengths
+    if args.max_length is not None and not packing:
+        values, labels, lengths = _truncate(values, labels, lengths, args.max_length, args.truncation_mode)
+        values, labels, lengths = _drop_unlabelled(values, labels, lengths)
+    out = Dataset(_table(values, labels, lengths))
+    map_kwargs = {"num_proc": args.dataset_num_proc} if args.dataset_num_proc else {}
+    if packing:
+        from trl.data_utils import pack_dataset
+
+        if args.max_length is None:
+            raise ValueError("When packing is enabled, `max_length` can't be `None`.")
+        if args.shuffle_dataset:
+            out = out.shuffle(seed=args.seed)
+        out = pack_dataset(out, args.max_length, args.packing_strategy, map_kwargs)
+    if args.shuffle_dataset:
+        out = out.shuffle(seed=args.seed)
+    return out
+
+
+def _column(ds, name: str) -> list:
+    """A column as Python values, read through Arrow (with the dataset's row selection applied)."""
+    return ds.with_format("arrow")[name].to_pylist()
+
+
+def _last_turn_split(convs: list[list[dict]]) -> tuple[list, list]:
+    prompts, completions = [], []
+    for msgs in convs:
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        prompts.append(msgs[:last])
+        completions.append([msgs[last]])
+    return prompts, completions
+
+
+def _eos(tokenizer, args) -> str:
+    return getattr(args, "eos_token", None) or tokenizer.eos_token
+
+
+# ------------------------------------------------------------------ tokenizing
+
+@dataclass
+class _Ragged:
+    """Token lists as one flat array and per-row lengths."""
+
+    values: Any  # np.ndarray int32
+    lengths: Any  # np.ndarray int64
+
+    @property
+    def starts(self):
+        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+
+    def row(self, i: int):
+        s = int(self.lengths[:i].sum())
+        return self.values[s:s + int(self.lengths[i])]
+
+
+class _Encoder:
+    """The tokenizer's Rust backend as transformers' ``__call__`` sets it up (no truncation or padding,
+    ``split_special_tokens``), called on whole batches."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = tokenizer._tokenizer
+        if backend.truncation is not None or backend.padding is not None:
+            from tokenizers import Tokenizer
+
+            backend = Tokenizer.from_str(backend.to_str())
+            backend.no_truncation()
+            backend.no_padding()
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+        self.backend = backend
+
+    def encodings(self, texts: list[str], add_special_tokens: bool, offsets: bool = False):
+        if not texts:
+            return []
+        fn = self.backend.encode_batch if offsets else self.backend.encode_batch_fast
+        return fn(texts, add_special_tokens=add_special_tokens)
+
+    @staticmethod
+    def ragged(encodings) -> _Ragged:
+        ids = [e.ids for e in encodings]
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        values = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
+        return _Ragged(values, lengths)
+
+    def encode(self, texts: list[str], add_special_tokens: bool) -> _Ragged:
+        return self.ragged(self.encodings(texts, add_special_tokens))
+
+
+def _render(enc: _Encoder, convs: list, template: str, *, add_generation_prompt: bool = False,
+            spans: bool = False) -> tuple[list[str], list | None]:
+    """Rendered conversations (and assistant character spans), as ``apply_chat_template`` renders them."""
+    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+
+    rendered, indices = render_jinja_template(
+        conversations=[_normalize_chat_messages(c) for c in convs], tools=None, documents=None,
+        chat_template=template, return_assistant_tokens_mask=spans, continue_final_message=False,
+        add_generation_prompt=add_generation_prompt, **enc.tokenizer.special_tokens_map)
+    return rendered, indices
+
+
+def _tokenize_messages(convs: list, enc: _Encoder, template: str, assistant_only: bool, name: str):
+    texts, spans = _render(enc, convs, template, spans=assistant_only)
+    if not assistant_only:
+        return enc.encode(texts, add_special_tokens=False), {}
+    encodings = enc.encodings(texts, add_special_tokens=False, offsets=True)
+    ids = enc.ragged(encodings)
+    mask = _span_mask(encodings, spans, ids)
+    _require_assistant_tokens(mask, ids, name)
+    return ids, {"assistant": mask}
+
+
+def _span_mask(encodings, spans: list[list[tuple[int, int]]], ids: _Ragged):
+    """1 for every token overlapping an assistant span (transformers' rule), computed on flat arrays."""
+    offsets = np.array(list(itertools.chain.from_iterable(e.offsets for e in encodings)), dtype=np.int64)
+    offsets = offsets.reshape(-1, 2)
+    # one coordinate line for all rows: row i's characters live at base[i] + c
+    width = int(max(offsets[:, 1].max(initial=0), max((e for s in spans for _, e in s), default=0))) + 2
+    base = np.arange(len(encodings), dtype=np.int64) * width
+    tok_base = np.repeat(base, ids.lengths)
+    t_start, t_end = offsets[:, 0] + tok_base, offsets[:, 1] + tok_base
+    flat_spans = [(base[i] + s, base[i] + e) for i, row in enumerate(spans) for s, e in row]
+    if not flat_spans:
+        return np.zeros(ids.values.size, dtype=bool)
+    s_start = np.array([s for s, _ in flat_spans], dtype=np.int64)
+    s_end = np.array([e for _, e in flat_spans], dtype=np.int64)
+    # the first span ending after the token's start; the token overlaps it when it ends after the span's start
+    k = np.searchsorted(s_end, t_start, side="right")
+    inside = k < s_end.size
+    k = np.minimum(k, s_end.size - 1)
+    return inside & (t_end > s_start[k]) & (t_start < s_end[k])
+
+
+def _require_assistant_tokens(mask, ids: _Ragged, name: str) -> None:
+    empty = np.flatnonzero(_row_sums(mask, ids.lengths) == 0)
+    if empty.size:
+        raise DatasetInvalid(f"row {int(empty[0])} has no assistant tokens once rendered with the chat template: "
+                             "its {% generation %} markers mark nothing; check ModelConfig.chat_template",
+                             field=f"{name} data")
+
+
+def _tokenize_chat_pairs(prompts: list, completions: list, enc: _Encoder, template: str, assistant_only: bool,
+                         name: str):
+    """Conversational prompt/completion: TRL tokenizes the prompt (with the generation prompt) and
+    prompt+completion, and the completion starts where the two token lists diverge."""
+    fulls = [p + c for p, c in zip(prompts, completions)]
+    p_texts, _ = _render(enc, prompts, template, add_generation_prompt=True)
+    f_texts, spans = _render(enc, fulls, template, spans=assistant_only)
+    masks: dict = {}
+    if assistant_only:
+        encodings = enc.encodings(f_texts, add_special_tokens=False, offsets=True)
+        full = enc.ragged(encodings)
+        masks["assistant"] = _span_mask(encodings, spans, full)
+        _require_assistant_tokens(masks["assistant"], full, name)
+        prompt = enc.encode(p_texts, add_special_tokens=False)
+        prompt_len = _common_prefix(prompt, full)
+    else:
+        full, prompt_len = _split_tokenize(p_texts, f_texts, enc)
+    masks["completion"] = np.arange(full.values.size) - np.repeat(full.starts, full.lengths) \
+        >= np.repeat(prompt_len, full.lengths)
+    return full, masks
+
+
+def _tokenize_text_pairs(prompts: list[str], completions: list[str], enc: _Encoder):
+    prompt = enc.encode(prompts, add_special_tokens=True)
+    full = enc.encode([p + c for p, c in zip(prompts, completions)], add_special_tokens=True)
+    prompt_len = _common_prefix(prompt, full)
+    mask = np.arange(full.values.size) - np.repeat(full.starts, full.lengths) >= np.repeat(prompt_len, full.lengths)
+    return full, {"completion": mask}
+
+
+def _common_prefix(a: _Ragged, b: _Ragged):
+    """Per row, how many leading tokens a and b share (TRL's ``common_prefix_length``)."""
+    out = np.zeros(a.lengths.size, dtype=np.int64)
+    sa, sb = a.starts, b.starts
+    for i in range(a.lengths.size):
+        n = int(min(a.lengths[i], b.lengths[i]))
+        x, y = a.values[sa[i]:sa[i] + n], b.values[sb[i]:sb[i] + n]
+        diff = np.flatnonzero(x != y)
+        out[i] = diff[0] if diff.size else n
+    return out
+
+
+def _split_points(enc: _Encoder, p_texts: list[str], f_texts: list[str]) -> list[int] | None:
+    """Per row, where the prompt and prompt+completion texts can be cut so that the part before tokenizes
+    the same in both: the start of the last added token they share before they differ. None where this
+    tokenizer gives no such guarantee."""
+    backend = enc.backend
+    if backend.encode_special_tokens:
+        return None
+    added = {str(t.content): t for t in enc.tokenizer.added_tokens_decoder.values()}
+    normalizer = backend.normalizer is not None
+    tpl = enc.tokenizer.get_chat_template(None, None) or ""
+    cands = []
+    for text, tok in added.items():
+        if not text or tok.lstrip or tok.single_word or (normalizer and tok.normalized):
+            continue
+        # an added token overlapping this one could be matched instead of it
+        overlaps = any(o != text and (text in o or any(o.endswith(text[:k]) or o.startswith(text[k:])
+                                                      for k in range(1, len(text))))
+                       for o in added)
+        if not overlaps and (text in tpl or any(text in f for f in f_texts[:CHECK_ROWS])):
+            cands.append(text)
+    if not cands:
+        return None
+    points = []
+    for p, f in zip(p_texts, f_texts):
+        d = len(p) if f.startswith(p) else len(os.path.commonprefix([p, f]))
+        points.append(max(0, max(p.rfind(c, 0, d) for c in cands)))
+    return points
+
+
+def _split_tokenize(p_texts: list[str], f_texts: list[str], enc: _Encoder):
+    """(prompt+completion tokens, per-row prompt length) tokenizing the shared text once."""
+    points = _split_points(enc, p_texts, f_texts)
+    if points is not None:
+        n = len(p_texts)
+        heads = [f[:b] for f, b in zip(f_texts, points)]
+        p_tails = [p[b:] for p, b in zip(p_texts, points)]
+        f_tails = [f[b:] for f, b in zip(f_texts, points)]
+        parts = enc.encode(heads + p_tails + f_tails, add_special_tokens=False)
+        head, p_tail, f_tail = (_slice_rows(parts, i * n, (i + 1) * n) for i in range(3))
+        full = _concat_rows(head, f_tail)
+        prompt = _concat_rows(head, p_tail)
+        k = min(n, CHECK_ROWS)
+        whole = enc.encode(f_texts[:k], add_special_tokens=False)
+        whole_p = enc.encode(p_texts[:k], add_special_tokens=False)
+        if _same_rows(whole, _slice_rows(full, 0, k)) and _same_rows(whole_p, _slice_rows(prompt, 0, k)):
+            return full, head.lengths + _common_prefix(p_tail, f_tail)
+        log.info("this tokenizer does not tokenize chat text split at special tokens as a whole; "
+                 "tokenizing prompts and completions whole")
+    full = enc.encode(f_texts, add_special_tokens=False)
+    prompt = enc.encode(p_texts, add_special_tokens=False)
+    return full, _common_prefix(prompt, full)
+
+
+def _slice_rows(r: _Ragged, lo: int, hi: int) -> _Ragged:
+    starts = r.starts
+    s = int(starts[lo]) if lo < r.lengths.size else int(r.values.size)
+    e = int(starts[hi]) if hi < r.lengths.size else int(r.values.size)
+    return _Ragged(r.values[s:e], r.lengths[lo:hi])
+
+
+def _concat_rows(a: _Ragged, b: _Ragged) -> _Ragged:
+    """Row i of the result is row i of a followed by row i of b."""
+    lengths = a.lengths + b.lengths
+    out = np.empty(int(lengths.sum()), dtype=np.int32)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    pos_a = np.repeat(starts, a.lengths) + np.arange(a.values.size) - np.repeat(a.starts, a.lengths)
+    pos_b = np.repeat(starts + a.lengths, b.lengths) + np.arange(b.values.size) - np.repeat(b.starts, b.lengths)
+    out[pos_a] = a.values
+    out[pos_b] = b.values
+    return _Ragged(out, lengths)
+
+
+def _same_rows(a: _Ragged, b: _Ragged) -> bool:
+    return np.array_equal(a.lengths, b.lengths) and np.array_equal(a.values, b.values)
+
+
+# ------------------------------------------------------------------ truncation, filter, Arrow
+
+def _truncate(values, labels, lengths, max_length: int, mode: str):
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    new = np.minimum(lengths, max_length)
+    first = starts if mode == "keep_start" else starts + lengths - new
+    idx = np.repeat(first - np.concatenate([[0], np.cumsum(new)[:-1]]), new) + np.arange(int(new.sum()))
+    return values[idx], labels[idx], new
+
+
+def _drop_unlabelled(values, labels, lengths):
+    """Drop rows left with no trained token (TRL: 'Dropping fully masked examples')."""
+    keep_rows = _row_sums(labels != IGNORE, lengths) > 0
+    if keep_rows.all():
+        return values, labels, lengths
+    keep_tokens = np.repeat(keep_rows, lengths)
+    return values[keep_tokens], labels[keep_tokens], lengths[keep_rows]
+
+
+def _row_sums(flags, lengths):
+    """Per row, how many of its tokens are flagged."""
+    total = np.concatenate([[0], np.cumsum(flags, dtype=np.int64)])
+    ends = np.cumsum(lengths)
+    return total[ends] - total[ends - lengths]
+
+
+def _table(values, labels, lengths):
+    """input_ids (int32, as datasets stores them) and labels (int64) as Arrow list columns."""
+    import pyarrow as pa
+
+    ends = np.concatenate([[0], np.cumsum(lengths)])
+    large = int(ends[-1]) >= 2**31 - 1
+    array = pa.LargeListArray if large else pa.ListArray
+    offsets = pa.array(ends.astype(np.int64 if large else np.int32))
+    return pa.table({
+        "input_ids": array.from_arrays(offsets, pa.array(values.astype(np.int32, copy=False))),
+        "labels": array.from_arrays(offsets, pa.array(labels.astype(np.int64, copy=False))),
+    })
+
+
+def _token_count(ds) -> int:
+    import pyarrow.compute as pc
+
+    col = ds.data.table.column("input_ids")
+    return int(pc.sum(pc.list_value_length(col)).as_py() or 0)
