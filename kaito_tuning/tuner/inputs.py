@@ -41,6 +41,7 @@ EXTENSIONS = {"parquet": "parquet", "pq": "parquet", "jsonl": "jsonl", "ndjson":
               "csv": "csv"}
 DEFAULT_MAX_BYTES = 20 * 1024**3  # 20 GiB; $KAITO_MAX_DOWNLOAD_BYTES overrides
 CHUNK = 1 << 16
+MAX_ROW_BYTES = 64 * 1024**2  # the longest first row read whole to tell JSON lines from JSON
 
 
 class DownloadFailed(TransientError):
@@ -107,6 +108,8 @@ def detect_kind(path: str | Path, *, source: str | None = None) -> str:
     if sample.startswith("["):
         return "json"
     if sample.startswith("{"):
+        if "\n" not in sample and len(head) == 64 * 1024:
+            sample = _first_line(path)  # a first row longer than the sample: read it whole before deciding
         first, _, rest = sample.partition("\n")
         try:
             json.loads(first)
@@ -118,6 +121,14 @@ def detect_kind(path: str | Path, *, source: str | None = None) -> str:
         return "csv"
     # what was fetched is never echoed back: it could be anything (an internal page, a secret)
     raise DatasetInvalid("is not parquet, JSON lines, JSON or CSV", field=where)
+
+
+def _first_line(path: str | Path, cap: int = MAX_ROW_BYTES) -> str:
+    """The first line of ``path`` (and what follows it in the buffer), up to ``cap`` bytes."""
+    with open(path, "rb") as fh:
+        line = fh.readline(cap)
+        more = fh.read(4096)
+    return (line + more).decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -319,10 +330,32 @@ class _Fetch:
             self.validator = None
             raise DownloadFailed(f"{self.shown}: the parquet file is incomplete (no footer): the download was cut "
                                  "off", field=self.where)
+        if expected is None and "chunked" not in r.headers.get("Transfer-Encoding", "").lower() \
+                and not _is_parquet(self.part):
+            self._confirm_end(r.url, got)
         with open(self.part, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(self.part, self.path)
         return sha256_file(self.path), got
+
+    def _confirm_end(self, url: str, got: int) -> None:
+        """A body with neither a length nor chunked framing ends when the connection closes, which a cut
+        connection does too: ask the server what lies after byte ``got`` (a file without an end marker,
+        JSON lines or CSV, could otherwise be accepted short)."""
+        headers = {"Range": f"bytes={got}-", **({"If-Range": self.validator} if self.validator else {})}
+        self._check_target(url)
+        with self.session.get(url, stream=True, timeout=self.timeout, headers=headers, allow_redirects=False) as r:
+            total = None
+            if r.status_code in (206, 416):
+                m = re.search(r"/(\d+)\s*$", r.headers.get("Content-Range", ""))
+                total = int(m.group(1)) if m else (got if r.status_code == 416 else None)
+            elif r.status_code == 200 and (r.headers.get("Content-Length") or "").isdigit():
+                total = int(r.headers["Content-Length"])
+        if total is None:
+            log.warning("%s: the server sent no length and cannot say one; accepting %d bytes", self.shown, got)
+        elif total != got:
+            raise DownloadFailed(f"{self.shown}: the connection closed after {got} of {total} bytes",
+                                 field=self.where)
 
     def _stream(self, r, *, append: bool, start: int) -> int:
         got = start
@@ -345,6 +378,11 @@ def _refused_reason(e: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     m = re.search(r"_Refused\('([^']*)'", repr(e))
     return m.group(1) if m else "the address is not allowed"
+
+
+def _is_parquet(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PAR1"
 
 
 def _complete(path: Path) -> bool:

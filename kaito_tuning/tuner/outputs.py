@@ -9,6 +9,8 @@ Dataset URLs appear only redacted (``kaito_tuning.redact``): these files go into
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ from pathlib import Path
 
 from kaito_tuning import redact
 from kaito_tuning.contract import ADAPTER_CONFIG, ADAPTER_FILES, ADAPTER_WEIGHTS, METADATA_FILE
+from kaito_tuning.errors import TransientError
 
 LOSS_CURVE = "loss_curve.png"
 MODEL_CARD = "README.md"
@@ -140,3 +143,27 @@ base = AutoModelForCausalLM.from_pretrained("{meta['base_model']}", revision="{m
 model = PeftModel.from_pretrained(base, "<this directory>")
 ```
 """
+
+
+@contextlib.contextmanager
+def disk_full_is_clear(out: Path):
+    """A full output volume (checkpoints, the adapter) is one line that says so, not a library's traceback."""
+    try:
+        yield
+    except Exception as e:
+        if not _no_space(e):
+            raise
+        raise TransientError(f"the output volume at {out} is full (no space left on the device); give it more "
+                             "space or lower TrainingArguments.save_total_limit", field="output",
+                             reason="NoSpaceLeft") from None
+
+
+def _no_space(e: BaseException) -> bool:
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        text = str(e)
+        if "No space left on device" in text or "StorageFull" in text or "code: 28," in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False

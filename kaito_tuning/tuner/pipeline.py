@@ -30,7 +30,7 @@ from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.spec.workspace import Workspace
 from kaito_tuning.tuner import distributed
 from kaito_tuning.tuner.inputs import DataFile, collect_dir, download_urls
-from kaito_tuning.tuner.outputs import completed_adapter
+from kaito_tuning.tuner.outputs import completed_adapter, disk_full_is_clear
 from kaito_tuning.tuner.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,10 @@ def train_step(plan: Plan, *, progress: Progress | None, show_progress: bool = F
                             train_loss=done.get("train_loss"), eval_loss=done.get("eval_loss"), already_trained=True)
     from kaito_tuning.tuner.recipe import train
 
-    r = train(preset=plan.preset, method=plan.method, config=plan.config, data=data, output_dir=plan.output_dir,
-              model_dir=str(weights), max_steps=plan.max_steps, progress=progress, show_progress=show_progress,
-              workspace=plan.name)
+    with disk_full_is_clear(plan.output_dir):
+        r = train(preset=plan.preset, method=plan.method, config=plan.config, data=data, output_dir=plan.output_dir,
+                  model_dir=str(weights), max_steps=plan.max_steps, progress=progress, show_progress=show_progress,
+                  workspace=plan.name)
     if distributed.is_main():
         (plan.output_dir / INPUTS_MARKER).write_text(inputs_key(plan) + "\n")
     return TrainOutcome(output_dir=r.adapter_dir, steps=r.steps, train_loss=r.train_loss, eval_loss=r.eval_loss,

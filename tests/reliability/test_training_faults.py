@@ -123,10 +123,9 @@ def test_disk_full_while_saving_the_adapter(pod, datasets_dir, monkeypatch):
         return update(self, **kw)
     monkeypatch.setattr(Progress, "update", fill_when_saving)
     try:
-        with pytest.raises(Exception, match="No space left on device"):  # safetensors' own error type, or OSError
-            pod.step("train")
+        assert pod.step("train") == 75  # safetensors' own error or an OSError, said plainly, retried
         line = pod.termination()
-        assert line.startswith("Error: train step failed: ") and "No space left on device" in line, line
+        assert line.startswith("NoSpaceLeft: output: the output volume at ") and "is full" in line, line
         assert line.count("\n") <= 1
         assert completed_adapter(pod.results) is None
         assert not (pod.results / ADAPTER_CONFIG).exists() and not (pod.results / ADAPTER_WEIGHTS).exists()
