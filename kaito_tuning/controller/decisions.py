@@ -107,16 +107,20 @@ def _output_image(obj: dict) -> str | None:
     return image if isinstance(image, str) and image else None
 
 
-def _order(obj: dict) -> tuple[str, str, str]:
+def _order(obj: dict) -> tuple[str, int, str, str]:
+    """Which of two workspaces came first: creation time (1 s resolution), then the one whose run has a Job
+    already, then namespace/name."""
     meta = obj.get("metadata") or {}
-    return meta.get("creationTimestamp") or "9999", meta.get("namespace") or "default", meta.get("name") or ""
+    started = bool(((obj.get("status") or {}).get("tuning") or {}).get("jobName"))
+    return (meta.get("creationTimestamp") or "9999", 0 if started else 1, meta.get("namespace") or "default",
+            meta.get("name") or "")
 
 
 def output_image_owner(obj: dict, workspaces: list[dict]) -> str | None:
-    """``namespace/name`` of the workspace created before ``obj`` that pushes to the same image, or None.
+    """``namespace/name`` of the workspace before ``obj`` that pushes to the same image, or None.
 
-    The earliest workspace keeps the image (creation time, then namespace/name); a later one waits until
-    the earlier one is deleted or one of them changes its output.
+    The earliest workspace keeps the image (``_order``); a later one waits until the earlier one is
+    deleted or one of them changes its output.
     """
     mine = _output_image(obj)
     if mine is None:
@@ -126,7 +130,7 @@ def output_image_owner(obj: dict, workspaces: list[dict]) -> str | None:
     earlier = []
     for other in workspaces:
         meta = other.get("metadata") or {}
-        if (uid and meta.get("uid") == uid) or _order(other)[1:] == me[1:] or meta.get("deletionTimestamp"):
+        if (uid and meta.get("uid") == uid) or _order(other)[2:] == me[2:] or meta.get("deletionTimestamp"):
             continue
         image = _output_image(other)
         if image is not None and image_key(image) == key and _order(other) < me:
@@ -134,7 +138,7 @@ def output_image_owner(obj: dict, workspaces: list[dict]) -> str | None:
     if not earlier:
         return None
     first = min(earlier)
-    return f"{first[1]}/{first[2]}"
+    return f"{first[2]}/{first[3]}"
 
 
 # ------------------------------------------------------------------ nodes

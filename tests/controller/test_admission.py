@@ -145,3 +145,41 @@ async def test_managed_configuration_trusts_the_generated_certificate(kmock, kub
         bad["tuning"]["method"] = "nope"
         res = await asyncio.to_thread(review, bad)
         assert res["response"]["allowed"] is False and "tuning.method" in res["response"]["status"]["message"]
+
+
+def test_volume_types_follow_the_operator_setting():
+    from kaito_tuning.controller.settings import from_env
+    from kaito_tuning.errors import UserError
+
+    ws = quick()
+    ws["tuning"]["input"] = {"volumeSource": {"nfs": {"server": "nfs.example.com", "path": "/data"}}}
+    assert review(ws, None, "CREATE", deny_private_urls=True, volume_types=Settings().volume_types) == []
+    only_pvc = from_env({"KAITO_ALLOWED_VOLUME_TYPES": "persistentVolumeClaim, configMap"})
+    assert only_pvc.volume_types == ("persistentVolumeClaim", "configMap")
+    (p,) = review(ws, None, "CREATE", deny_private_urls=True, volume_types=only_pvc.volume_types)
+    assert p.path == "tuning.input.volumeSource.nfs" and "allowed: persistentVolumeClaim, configMap" in p.message
+    with pytest.raises(UserError, match="KAITO_ALLOWED_VOLUME_TYPES.*unknown: hostpath"):
+        from_env({"KAITO_ALLOWED_VOLUME_TYPES": "hostpath"})
+
+
+def test_an_output_image_already_pushed_to_by_another_workspace_is_refused():
+    first = quick()
+    first["metadata"].update(namespace="team-a", creationTimestamp="2025-01-01T00:00:00Z", uid="u1")
+    second = quick()
+    second["metadata"]["namespace"] = "team-b"
+    problems = review(second, None, "CREATE", deny_private_urls=False, list_workspaces=lambda: [first])
+    assert [p.path for p in problems] == ["tuning.output.image"]
+    assert "team-a/workspace-tuning-phi-3" in problems[0].message
+    # same repository:tag spelled differently is the same image; another tag is not
+    second["tuning"]["output"]["image"] = first["tuning"]["output"]["image"].replace(":0.0.1", ":0.0.2")
+    assert review(second, None, "CREATE", deny_private_urls=False, list_workspaces=lambda: [first]) == []
+    # the workspace itself (an UPDATE) and an unreadable list are no conflict
+    assert review(first, first, "UPDATE", deny_private_urls=False, list_workspaces=lambda: [first]) == []
+    assert review(quick(), None, "CREATE", deny_private_urls=False, list_workspaces=lambda: None) == []
+
+
+def test_image_identity():
+    from kaito_tuning.controller.decisions import image_key
+
+    assert image_key("Registry.Example.com/a/b") == image_key("registry.example.com/a/b:latest")
+    assert image_key("ubuntu:22.04") == "docker.io/library/ubuntu:22.04"

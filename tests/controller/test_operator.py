@@ -414,3 +414,59 @@ async def set_deployment_ready(name):
 
     await asyncio.to_thread(kubernetes.client.AppsV1Api().patch_namespaced_deployment_status, name, "default",
                             {"status": {"readyReplicas": 1, "replicas": 1, "observedGeneration": 99}})
+
+
+async def test_two_node_run_gets_indexed_job_headless_service_nodeclaims_and_worker_nodes(kmock, kubeconfig):
+    import asyncio
+
+    settings = Settings(retry_delay_seconds=0.5, node_auto_provisioning=True)
+    d = quick_start()
+    d["resource"].update(count=2, instanceType="Standard_NC96ads_A100_v4")
+    async with running_operator(settings):
+        await push_secret()
+        await apply(d)
+        claims = await eventually(lambda: len(list_objs(kmock, "karpenter.sh/v1/nodeclaims")) == 2 and
+                                  list_objs(kmock, "karpenter.sh/v1/nodeclaims"))
+        assert get_obj(kmock, JOBS, "default", NAME) is None  # the gang waits for every node
+        for c in claims:
+            await asyncio.to_thread(
+                kubernetes.client.CustomObjectsApi().patch_cluster_custom_object_status, "karpenter.sh", "v1",
+                "nodeclaims", c["metadata"]["name"], {"status": {"conditions": [{"type": "Ready", "status": "True"}]}})
+        job = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME), 15)
+        svc = get_obj(kmock, "v1/services", "default", NAME)
+        secret = get_obj(kmock, "v1/secrets", "default", f"{NAME}-workspace")
+        for obj in (job, svc, secret):
+            assert obj["metadata"]["ownerReferences"][0]["kind"] == "Workspace"
+        clean = copy.deepcopy(job)
+        kubernetes_validate.validate(clean, "1.33.0", strict=True)
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+        assert svc["spec"]["clusterIP"] == "None" and job["spec"]["template"]["spec"]["subdomain"] == NAME
+        n0 = PodSim(job, index=0, node="gpu-a").run_through("tuner")
+        n1 = PodSim(job, index=1, node="gpu-b").run_through("tuner")
+        await publish(n0, n1, job=job)
+        await publish(n1, n0, job=job)
+        st = await eventually(lambda: status(kmock).get("workerNodes") == ["gpu-a", "gpu-b"] and status(kmock))
+        assert st["targetNodeCount"] == 2 and st["state"] == "Running"
+        assert st["tuning"]["parallelism"].startswith("ddp: ")
+        n1.finish("tuner", 65, "DatasetInvalid: tuning.input.urls[0]: empty file")
+        await publish(n1, n0, job=job)
+        st = await eventually(lambda: status(kmock).get("state") == "Failed" and status(kmock))
+        assert st["tuning"]["failure"]["rank"] == 1 and st["tuning"]["failure"]["node"] == "gpu-b"
+        await eventually(lambda: not list_objs(kmock, "karpenter.sh/v1/nodeclaims"))  # both released
+
+
+async def test_second_workspace_pushing_to_the_same_image_is_held(kmock, kubeconfig):
+    async with running_operator(SETTINGS):
+        await push_secret()
+        await apply_quick_start()
+        await eventually(lambda: get_obj(kmock, JOBS, "default", NAME))
+        other = quick_start()
+        other["metadata"]["name"] = "copycat"
+        await apply(other)
+        st = await eventually(lambda: cond(status(kmock, "copycat"), "WorkspaceSucceeded").get("reason") ==
+                              "OutputImageConflict" and status(kmock, "copycat"))
+        assert f"default/{NAME}" in cond(st, "WorkspaceSucceeded")["message"]
+        assert get_obj(kmock, JOBS, "default", "copycat") is None
+        other["tuning"]["output"]["image"] = "registry.example.com/adapters/copycat:1"
+        await apply(other)
+        await eventually(lambda: get_obj(kmock, JOBS, "default", "copycat"))

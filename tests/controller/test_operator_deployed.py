@@ -85,6 +85,7 @@ def quick_start(name: str) -> dict:
     d = yaml.safe_load(QUICK.read_text())
     d["metadata"]["name"] = name
     d["tuning"]["output"]["imagePushSecret"] = "acr-push"  # the quick start's placeholder is not a secret name
+    d["tuning"]["output"]["image"] = f"registry.example.com/adapters/{name}:1"  # two runs never share an output
     return d
 
 
