@@ -103,6 +103,9 @@ def run_step(step: str, topology: distributed.Topology | None = None) -> int:
     topo = topology or distributed.Topology()
     if step == "train" and topo.world_size > 1 and not distributed.is_rank():
         return distributed.launch(topo, ["job", "train"])
+    if step == "push" and topo.node_rank != 0:
+        log.info("node %d of %d: node 0 pushes the adapter", topo.node_rank, topo.nnodes)
+        return 0
     try:
         plan = plan_from_env()
         if step == "download":

@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from kaito_tuning import redact
-from kaito_tuning.contract import ADAPTER_CONFIG, METADATA_FILE
+from kaito_tuning.contract import ADAPTER_CONFIG, ENV_PARALLELISM, METADATA_FILE
 from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.tuner import dataprep, distributed
@@ -114,7 +114,9 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     attn = mcfg.attn_implementation or ("flex_attention" if on_gpu else "sdpa")
     if progress:
         progress.update(phase="loading")
+    parallelism = os.environ.get(ENV_PARALLELISM) or "ddp"  # the operator's choice (spec/memory.py)
     quant = config.section("QuantizationConfig") if config.quantized else None
+    quant = distributed.fsdp_quantization(parallelism, quant, str(dtype).removeprefix("torch."))
     model_kwargs = {k: v for k, v in {"trust_remote_code": mcfg.trust_remote_code, "revision": mcfg.revision,
                                       "local_files_only": mcfg.local_files_only or None}.items() if v is not None}
     base_dir = model_dir or model_dir_from_config(mcfg.pretrained_model_name_or_path)
@@ -151,6 +153,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     sft_args = training_arguments(user_args, ckpt_dir=ckpt_dir, on_gpu=on_gpu, dtype=dtype, packing=packing,
                                   has_eval=data.eval is not None, loss_mask=loss_mask, seed=seed,
                                   max_steps=max_steps, show_progress=show_progress)
+    sft_args.update({k: v for k, v in distributed.fsdp_arguments(parallelism, config.quantized).items()
+                     if k not in user_args})
     callbacks = []
     if progress:
         from kaito_tuning.tuner.progress import make_callback
@@ -191,6 +195,12 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
             final_eval = trainer.evaluate()["eval_loss"]
 
     # ---- 6. the adapter, staged then moved into place (by the first process alone)
+    stage = out / f".adapter-{fp}.tmp"
+    if parallelism == "fsdp":
+        # sharded weights are gathered by every rank together; the Trainer writes them on rank 0
+        # (not run on this project's CPU machines: see tuner/distributed.py)
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(stage))
     if not distributed.is_main():
         distributed.barrier()
         return TrainResult(adapter_dir=str(out), steps=trainer.state.global_step, train_loss=None, eval_loss=final_eval,
@@ -222,9 +232,9 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     }
     t_save = time.monotonic()
     meta["timings"] = timings
-    stage = out / f".adapter-{os.getpid()}.tmp"
-    shutil.rmtree(stage, ignore_errors=True)
-    trainer.model.save_pretrained(stage)
+    if parallelism != "fsdp":
+        shutil.rmtree(stage, ignore_errors=True)
+        trainer.model.save_pretrained(stage)
     point_at_source(stage / ADAPTER_CONFIG, p.repo, meta["base_revision"])
     tokenizer.save_pretrained(stage)
     curve = write_loss_curve(history, stage / LOSS_CURVE)

@@ -130,3 +130,11 @@ def test_missing_workspace_env(job_env, monkeypatch):
     monkeypatch.delenv("KAITO_WORKSPACE", raising=False)
     assert main(["job", "train"]) == EXIT_USER_ERROR
     assert "KAITO_WORKSPACE: is not set" in job_env["log"].read_text()
+
+
+def test_push_on_other_nodes_than_node_0_does_nothing(job_env):
+    ws = tuning_workspace(["http://127.0.0.1:9/a.parquet"])
+    ws["tuning"]["output"] = {"image": "127.0.0.1:9/x:1", "imagePushSecret": "push"}
+    job_env["set"](ws)
+    assert main(["job", "push", "--nnodes", "2", "--node-rank", "1"]) == 0  # no adapter here: node 0 has it
+    assert main(["job", "push", "--nnodes", "2", "--node-rank", "0"]) == EXIT_USER_ERROR
