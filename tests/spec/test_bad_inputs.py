@@ -93,7 +93,7 @@ SPEC = [
     ("name not a string", ws("metadata.name", 12345), "metadata.name", "must be a string, got 12345"),
     ("namespace invalid", ws("metadata.namespace", "Not_OK"), "metadata.namespace", "is not a valid namespace"),
     ("huge name is cut", ws("metadata.name", "x" * 100_000), "metadata.name", "x...x"),
-    ("huge int count", ws("resource.count", 10 ** 40), "resource.count", "exactly one node"),
+    ("huge int count", ws("resource.count", 10 ** 40), "resource.count", "tuning runs on 1 to 64 nodes"),
     ("count a string", ws("resource.count", "one"), "resource.count", "must be an integer, got a string 'one'"),
     ("huge wrong-typed value is cut", ws("tuning.method", ["x" * 50] * 10_000), "tuning.method",
      "must be a string, got a list ['xxxxx"),

@@ -100,7 +100,7 @@ BAD = [
     ("bad image", mutate("tuning.output.image", "UPPER/Case::bad"), "tuning.output.image", "is invalid"),
     ("image without tag", mutate("tuning.output.image", "myreg.azurecr.io/adapter"), "tuning.output.image",
      "has no tag"),
-    ("count 2", mutate("resource.count", 2), "resource.count", "exactly one node"),
+    ("count 65", mutate("resource.count", 65), "resource.count", "tuning runs on 1 to 64 nodes"),
     ("no labelSelector", mutate("resource.labelSelector", delete=True), "resource.labelSelector", "is required"),
     ("bad name", mutate("metadata.name", "Tuning_Phi3"), "metadata.name", "not a valid name"),
     ("typo field", mutate("tuning.methd", "lora"), "tuning.methd", "unknown field"),
