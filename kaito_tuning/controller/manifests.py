@@ -24,6 +24,7 @@ from kaito_tuning.contract import (
     ANNOTATION_SPEC_HASH,
     CONFIG_DIR,
     DATA_DIR,
+    ENV_ALLOW_PRIVATE_URLS,
     ENV_PARALLELISM,
     ENV_PREFETCH_WEIGHTS,
     ENV_PULL_SECRETS_DIR,
@@ -270,6 +271,35 @@ def workers_service(ws: Workspace) -> dict | None:
     }
 
 
+#: what a tuning pod may not reach when private dataset URLs are refused (``addresses.py``'s ranges, IPv4 and IPv6)
+PRIVATE_CIDRS = ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
+                 "0.0.0.0/8", "224.0.0.0/3"]
+PRIVATE_CIDRS_V6 = ["fc00::/7", "fe80::/10", "::1/128", "ff00::/8"]
+
+
+def egress_policy(ws: Workspace, settings: Settings) -> dict | None:
+    """A NetworkPolicy for the tuning pods: DNS to the cluster, and anything public, nothing private.
+
+    The downloader already refuses private addresses on every hop (``tuner/inputs.py``); this is the
+    cluster's own enforcement of the same rule, for code the pod runs that is not ours (the trainer,
+    libraries). Only where the operator refuses private dataset URLs (``KAITO_DENY_PRIVATE_URLS``);
+    where the cluster has no NetworkPolicy support it is inert.
+    """
+    if ws.tuning is None or not settings.deny_private_urls:
+        return None
+    public = [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_CIDRS}},
+              {"ipBlock": {"cidr": "::/0", "except": PRIVATE_CIDRS_V6}}]
+    rules = [{"to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+              "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]},
+             {"to": public}]
+    if node_count(ws) > 1:  # the gang's own pods: rendezvous and collectives
+        rules.append({"to": [{"podSelector": {"matchLabels": {LABEL_WORKSPACE: ws.name}}}]})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": f"{ws.name}-egress", "namespace": ws.namespace, "labels": workspace_labels(ws)},
+            "spec": {"podSelector": {"matchLabels": {LABEL_WORKSPACE: ws.name}}, "policyTypes": ["Egress"],
+                     "egress": rules}}
+
+
 def workspace_secret_name(ws: Workspace) -> str:
     return f"{ws.name}-workspace"
 
@@ -334,6 +364,8 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
     mounts = [{"name": "data", "mountPath": DATA_DIR, **({"readOnly": True} if inp.volume_source else {})},
               results(read_only=True), {"name": "hf-cache", "mountPath": HF_CACHE_DIR}, _TMP_MOUNT]
     env = [*ws_env, {"name": ENV_PREFETCH_WEIGHTS, "value": "1"}, *_model_env(ws, t.preset)]
+    if not settings.deny_private_urls:  # the cluster admin allows in-cluster dataset servers
+        env.append({"name": ENV_ALLOW_PRIVATE_URLS, "value": "1"})
     if inp.image_pull_secrets:
         volumes.append(_docker_config_volume("pull-secrets", inp.image_pull_secrets))
         mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
@@ -529,6 +561,8 @@ def render(ws: Workspace, settings: Settings, config: TuningConfig | None = None
     objs.append(workspace_secret(ws))
     if (svc := workers_service(ws)):
         objs.append(svc)
+    if (policy := egress_policy(ws, settings)):
+        objs.append(policy)
     cfg = config or load_config(None, ws.tuning.method)
     objs.append(tuning_job(ws, settings, cfg, revision=revision))
     return objs

@@ -82,6 +82,7 @@ class Reconciler:
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.networking = kubernetes.client.NetworkingV1Api(api_client)
 
     # ---------------------------------------------------------------- entry points
 
@@ -279,6 +280,10 @@ class Reconciler:
             return None, b, False
         if (svc := m.workers_service(ws)) and (b := self._ensure_owned(obj, svc, self.core.create_namespaced_service,
                                                                        self.core.read_namespaced_service)):
+            return None, b, False
+        if (policy := m.egress_policy(ws, self.settings)) and (b := self._ensure_owned(
+                obj, policy, self.networking.create_namespaced_network_policy,
+                self.networking.read_namespaced_network_policy)):
             return None, b, False
         job = m.tuning_job(ws, self.settings, config, revision=revision)
         kopf.adopt(job, owner=obj)

@@ -61,7 +61,7 @@ class Settings:
     job_backoff_limit: int = 3
     node_auto_provisioning: bool = False
     nodeclaim_release: str = "OnCompletion"
-    deny_private_urls: bool = False
+    deny_private_urls: bool = True  # dataset URLs on private, loopback, CGNAT or metadata addresses (addresses.py)
     checkpoint_storage: bool = False
     checkpoint_storage_class: str | None = None
     checkpoint_storage_size: str = "100Gi"

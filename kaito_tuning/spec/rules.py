@@ -6,11 +6,11 @@ The same functions back ``kaito-tuning validate``, the admission webhook and the
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from urllib.parse import urlsplit
 
+from kaito_tuning import addresses
 from kaito_tuning.artifacts import reference as imageref
 from kaito_tuning.errors import Problem, ValidationError
 from kaito_tuning.spec import memory
@@ -30,8 +30,6 @@ from kaito_tuning.spec.workspace import (
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_METADATA_HOSTS = {"metadata.google.internal", "metadata.google", "instance-data.ec2.internal",
-                   "metadata.azure.com", "metadata"}
 
 
 def dns_label_problem(value: str, path: str, max_len: int = 63) -> Problem | None:
@@ -327,21 +325,19 @@ def url_problem(url: str, *, allow_private: bool = True) -> str | None:
 
 
 def private_target(host: str) -> str | None:
-    """Why ``host`` is private/loopback/link-local/metadata, or None. Resolves names."""
+    """Why ``host`` is private/loopback/link-local/CGNAT/metadata, or None (``kaito_tuning.addresses``, the
+    policy the Job's downloader applies on every hop). Resolves names: admission catches the plain cases;
+    the downloader checks the address it really connects to (DNS may answer differently then)."""
     h = host.strip("[]").lower()
-    if h in _METADATA_HOSTS or h == "localhost" or h.endswith(".localhost"):
-        return f"the local or metadata host {short(h)}"
+    if (why := addresses.forbidden_host(h)):
+        return f"{short(h)}, which {why}"
     try:
-        addrs = {ipaddress.ip_address(h)}
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(h, None)
-        except OSError:
-            return None  # unresolvable here; the downloader will report it
-        addrs = {ipaddress.ip_address(i[4][0].split("%")[0]) for i in infos}
-    for a in addrs:
-        if a.is_loopback or a.is_private or a.is_link_local or a.is_unspecified or a.is_reserved or a.is_multicast:
-            return f"the non-public address {a}"
+        infos = socket.getaddrinfo(h, None)
+    except OSError:
+        return None  # unresolvable here; the downloader checks the address it reaches
+    for info in infos:
+        if (why := addresses.forbidden(info[4][0])):
+            return f"{short(h)}, which resolves to {info[4][0]}, which {why}"
     return None
 
 

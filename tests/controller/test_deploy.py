@@ -123,6 +123,8 @@ _CALLS = {
     "read_namespaced_secret": ("", "secrets", "get"), "list_namespaced_pod": ("", "pods", "list"),
     "create_namespaced_persistent_volume_claim": ("", "persistentvolumeclaims", "create"),
     "create_namespaced_service": ("", "services", "create"), "read_namespaced_service": ("", "services", "get"),
+    "create_namespaced_network_policy": ("networking.k8s.io", "networkpolicies", "create"),
+    "read_namespaced_network_policy": ("networking.k8s.io", "networkpolicies", "get"),
     "create_namespaced_secret": ("", "secrets", "create"), "patch_namespaced_secret": ("", "secrets", "patch"),
     "list_cluster_custom_object": ("kaito.sh", "workspaces", "list"),
     "read_namespaced_job": ("batch", "jobs", "get"), "create_namespaced_job": ("batch", "jobs", "create"),
@@ -160,7 +162,7 @@ def used_calls() -> set[str]:
                 receiver = node.value
                 # self.core.x / self.batch.x / ... or kubernetes.client.CoreV1Api().x
                 if isinstance(receiver, ast.Call) or (isinstance(receiver, ast.Attribute) and
-                                                      receiver.attr in ("core", "batch", "apps", "custom")):
+                                                      receiver.attr in ("core", "batch", "apps", "custom", "networking")):
                     names.add(node.attr)
     return names
 

@@ -320,3 +320,20 @@ def test_download_step_prefetches_weights_and_sees_the_output_read_only():
     assert mounts["results"] == {"name": "results", "mountPath": "/mnt/out", "readOnly": True}
     tuner = _pod(job)["initContainers"][1]
     assert {m["name"]: m["mountPath"] for m in tuner["volumeMounts"]}["hf-cache"] == "/mnt/hf-cache"
+
+
+def test_tuning_pods_get_an_egress_policy_without_private_ranges():
+    import kubernetes_validate
+
+    from kaito_tuning.controller.manifests import PRIVATE_CIDRS, egress_policy
+    from kaito_tuning.controller.settings import Settings
+    from kaito_tuning.spec.rules import load_workspace
+
+    ws = load_workspace(yaml.safe_load(open("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml")))
+    policy = egress_policy(ws, Settings())
+    kubernetes_validate.validate(policy, "1.33.0", strict=True)
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"kaito.sh/workspace": ws.name}}
+    public = policy["spec"]["egress"][1]["to"][0]["ipBlock"]
+    assert public["cidr"] == "0.0.0.0/0" and {"169.254.0.0/16", "100.64.0.0/10", "10.0.0.0/8"} <= set(public["except"])
+    assert set(PRIVATE_CIDRS) == set(public["except"])
+    assert egress_policy(ws, Settings(deny_private_urls=False)) is None  # the admin allows in-cluster servers
