@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 
 import yaml
@@ -162,11 +163,24 @@ def _model_env(ws: Workspace, preset) -> list[dict]:
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "HF_TOKEN"}}}]
 
 
-_COMMON_VOLUMES = [
-    {"name": "dshm", "emptyDir": {"medium": "Memory"}},
-    {"name": "tmp", "emptyDir": {}},
-    {"name": "hf-cache", "emptyDir": {}},
-]
+#: every scratch volume has a size limit (the kubelet evicts a pod that outgrows it, instead of the node's
+#: disk or memory filling up): shared memory for the data loader and NCCL, /tmp, the base weights
+SIZE_SHM, SIZE_TMP, SIZE_DATA, SIZE_RESULTS, SIZE_ADAPTER = "16Gi", "10Gi", "25Gi", "100Gi", "2Gi"
+
+
+def _weights_size(preset_name: str | None) -> str:
+    """Room for a preset's weights in the Hugging Face cache: 16-bit weights and 20 % more, at least 4 GiB."""
+    try:
+        params_b = get_preset(preset_name).parameters_b if preset_name else 8.0
+    except Exception:  # noqa: BLE001 - an unknown preset was reported at validation
+        params_b = 8.0
+    return f"{max(4, math.ceil(params_b * 2 * 1.2))}Gi"
+
+
+def _common_volumes(preset_name: str | None) -> list[dict]:
+    return [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SIZE_SHM}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": SIZE_TMP}},
+            {"name": "hf-cache", "emptyDir": {"sizeLimit": _weights_size(preset_name)}}]
 _COMMON_ENV = [{"name": "HOME", "value": "/tmp"}, {"name": "HF_HOME", "value": HF_CACHE_DIR}]
 _TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
@@ -334,18 +348,18 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
         "name": workspace_secret_name(ws), "key": WORKSPACE_SECRET_KEY}}}, *_COMMON_ENV, *index_env]
     output_dir = config.output_dir
 
-    volumes = [*_COMMON_VOLUMES,
+    volumes = [*_common_volumes(t.preset.name if t.preset else None),
                {"name": "config", "configMap": {"name": config_map_name(ws), "items": [{"key": CONFIG_KEY, "path": CONFIG_KEY}]}}]
     if inp.volume_source:
         volumes.append({"name": "data", **inp.volume_source})
     else:
-        volumes.append({"name": "data", "emptyDir": {}})
+        volumes.append({"name": "data", "emptyDir": {"sizeLimit": SIZE_DATA}})
     if out.volume_source:
         volumes.append({"name": "results", **out.volume_source})
     elif (pvc := checkpoint_pvc(ws, settings)):
         volumes.append({"name": "results", "persistentVolumeClaim": {"claimName": pvc["metadata"]["name"]}})
     else:
-        volumes.append({"name": "results", "emptyDir": {}})
+        volumes.append({"name": "results", "emptyDir": {"sizeLimit": SIZE_RESULTS}})
 
     def results(read_only: bool = False) -> dict:
         mount = {"name": "results", "mountPath": output_dir}
@@ -371,7 +385,8 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
         mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
         env.append({"name": ENV_PULL_SECRETS_DIR, "value": PULL_SECRETS_DIR})
     init_containers.append(_container("download", image, ["job", "download"], env, mounts,
-                                      resources={"requests": {"cpu": "500m", "memory": "1Gi"}}))
+                                      resources={"requests": {"cpu": "500m", "memory": "1Gi"},
+                                                 "limits": {"memory": "4Gi"}}))
 
     tuner = _container(
         "tuner", image, tuner_args(ws),
@@ -400,7 +415,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
             [*ws_env, {"name": ENV_PUSH_AUTH_FILE, "value": PUSH_AUTH_FILE}],
             [results(read_only=True),
              {"name": "push-secret", "mountPath": PUSH_SECRET_DIR, "readOnly": True}, _TMP_MOUNT],
-            resources={"requests": {"cpu": "250m", "memory": "512Mi"}}))
+            resources={"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}))
     else:
         containers.append(tuner)
 
@@ -485,7 +500,7 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
     inf = ws.inference
     image = settings.tuner_image
     labels = workspace_labels(ws)
-    volumes = [*_COMMON_VOLUMES]
+    volumes = [*_common_volumes(ws.inference.preset.name if ws.inference.preset else None)]
     init_containers = []
     server_mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": HF_CACHE_DIR},
                      _TMP_MOUNT]
@@ -498,7 +513,7 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
         if src.volume_source:
             volumes.append({"name": vol, **src.volume_source})
         else:
-            volumes.append({"name": vol, "emptyDir": {}})
+            volumes.append({"name": vol, "emptyDir": {"sizeLimit": SIZE_ADAPTER}})
             pull_args = ["pull", src.image, path]
             mounts = [{"name": vol, "mountPath": path}, _TMP_MOUNT]
             if src.image_pull_secrets:

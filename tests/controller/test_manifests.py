@@ -337,3 +337,22 @@ def test_tuning_pods_get_an_egress_policy_without_private_ranges():
     assert public["cidr"] == "0.0.0.0/0" and {"169.254.0.0/16", "100.64.0.0/10", "10.0.0.0/8"} <= set(public["except"])
     assert set(PRIVATE_CIDRS) == set(public["except"])
     assert egress_policy(ws, Settings(deny_private_urls=False)) is None  # the admin allows in-cluster servers
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("examples/**/*.yaml", recursive=True)))
+def test_every_scratch_volume_has_a_size_limit(path):
+    from kaito_tuning.controller.manifests import render
+    from kaito_tuning.controller.settings import Settings
+    from kaito_tuning.spec.rules import load_workspace
+
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc or doc.get("kind") != "Workspace":
+            continue
+        for obj in render(load_workspace(doc), Settings()):
+            spec = obj.get("spec", {}).get("template", {}).get("spec", {})
+            for v in spec.get("volumes", []):
+                if "emptyDir" in v:
+                    assert v["emptyDir"].get("sizeLimit"), f"{obj['kind']} volume {v['name']} has no sizeLimit"
+            for c in spec.get("initContainers", []) + spec.get("containers", []):
+                if c["name"] in ("download", "push"):
+                    assert c["resources"]["limits"]["memory"], c["name"]
