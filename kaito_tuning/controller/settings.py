@@ -10,8 +10,10 @@ KAITO_JOB_BACKOFF_LIMIT                retries of a failed pod (user errors are 
 KAITO_NODE_AUTO_PROVISIONING           true: create a Karpenter NodeClaim per workspace
 KAITO_NODECLAIM_RELEASE                OnCompletion (delete the NodeClaim when the run ends) or
                                        OnDelete (keep it until the workspace is deleted)
-KAITO_DENY_PRIVATE_URLS                true: admission refuses dataset URLs on private, loopback,
-                                       link-local or metadata addresses
+KAITO_DENY_PRIVATE_URLS                true (default): dataset URLs on private, loopback, link-local,
+                                       CGNAT or metadata addresses are refused at admission, by the
+                                       Job's downloader on every hop, and by an egress NetworkPolicy;
+                                       false: allowed everywhere (in-cluster dataset servers)
 KAITO_CHECKPOINT_STORAGE               true: a PVC per workspace holds the output directory, so a
                                        retried pod resumes from the newest checkpoint
 KAITO_CHECKPOINT_STORAGE_CLASS         storage class of that PVC (default: the cluster's default)
