@@ -207,8 +207,9 @@ def _prepare_split(ds, form: str, enc: _Encoder, args, loss_mask: str, template:
     from datasets import Dataset
 
     completion_only = args.completion_only_loss
+    eos = _eos(enc.tokenizer, args)
     if form == "messages" and loss_mask != "completion_only":
-        ids, masks = _tokenize_messages(_column(ds, "messages"), enc, template, args.assistant_only_loss, name)
+        work = _MessagesWork(enc, _column(ds, "messages"), template, args.assistant_only_loss, name)
         completion_only = False  # TRL: a language-modeling dataset has no completion mask
     elif form in ("messages", "prompt_completion"):
         if form == "messages":  # the last assistant turn is the completion (templates without generation markers)
@@ -218,26 +219,21 @@ def _prepare_split(ds, form: str, enc: _Encoder, args, loss_mask: str, template:
         if completion_only is None:
             completion_only = True
         if prompts and isinstance(prompts[0], list):
-            ids, masks = _tokenize_chat_pairs(prompts, completions, enc, template, args.assistant_only_loss, name)
+            work = _ChatPairsWork(enc, prompts, completions, template, args.assistant_only_loss, name)
         else:
-            eos = _eos(enc.tokenizer, args)
             completions = [c if c.endswith(eos) else c + eos for c in completions]
-            ids, masks = _tokenize_text_pairs(prompts, completions, enc)
+            work = _TextPairsWork(enc, prompts, completions)
     else:
-        eos = _eos(enc.tokenizer, args)
-        texts = [t if t.endswith(eos) else t + eos for t in _column(ds, "text")]
-        ids = enc.encode(texts, add_special_tokens=True)
-        masks = {}
+        work = _TextWork(enc, [t if t.endswith(eos) else t + eos for t in _column(ds, "text")])
         completion_only = False
-    # labels: -100 wherever an applicable mask is 0 (completion mask only with completion_only_loss)
+    ids, masks = _run(work, enc)
+    # labels: -100 wherever an applicable mask is 0 (the completion mask only with completion_only_loss)
     keep = np.ones(ids.values.size, dtype=bool)
     if completion_only and "completion" in masks:
         keep &= masks["completion"]
     if "assistant" in masks:
         keep &= masks["assistant"]
-    labels = np.where(keep, ids.values, IGNORE)
-    lengths = ids.lengths
-    values, labels, lengths = ids.values, labels, lengths
+    values, labels, lengths = ids.values, np.where(keep, ids.values, IGNORE), ids.lengths
     if args.max_length is not None and not packing:
         values, labels, lengths = _truncate(values, labels, lengths, args.max_length, args.truncation_mode)
         values, labels, lengths = _drop_unlabelled(values, labels, lengths)
@@ -291,6 +287,12 @@ class _Ragged:
         s = int(self.lengths[:i].sum())
         return self.values[s:s + int(self.lengths[i])]
 
+    @staticmethod
+    def concat(parts: list[_Ragged]) -> _Ragged:
+        if not parts:
+            return _Ragged(np.zeros(0, np.int32), np.zeros(0, np.int64))
+        return _Ragged(np.concatenate([p.values for p in parts]), np.concatenate([p.lengths for p in parts]))
+
 
 class _Encoder:
     """The tokenizer's Rust backend as transformers' ``__call__`` sets it up (no truncation or padding,
@@ -325,31 +327,168 @@ class _Encoder:
         return self.ragged(self.encodings(texts, add_special_tokens))
 
 
-def _render(enc: _Encoder, convs: list, template: str, *, add_generation_prompt: bool = False,
-            spans: bool = False) -> tuple[list[str], list | None]:
-    """Rendered conversations (and assistant character spans), as ``apply_chat_template`` renders them."""
-    from transformers.utils.chat_template_utils import _normalize_chat_messages, render_jinja_template
+#: rows per chunk: this thread renders chunk k+1 while the tokenizer (Rust, every core, GIL released) encodes k
+CHUNK = 1024
 
-    rendered, indices = render_jinja_template(
+
+def _run(work, enc: _Encoder) -> tuple[_Ragged, dict]:
+    """Render/encode/assemble ``work`` chunk by chunk, rendering the next chunk while this one is encoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts: list = []
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        pending = None
+        for lo in range(0, work.rows, CHUNK):
+            hi = min(work.rows, lo + CHUNK)
+            requests, ctx = work.texts(lo, hi)
+            fut = pool.submit(lambda rq: [enc.encodings(t, s, o) for t, s, o in rq], requests)
+            if pending is not None:
+                parts.append(work.finish(pending[0], pending[1].result()))
+            pending = (ctx, fut)
+        if pending is not None:
+            parts.append(work.finish(pending[0], pending[1].result()))
+    if getattr(work, "redo", False):  # the split check failed on the first rows: every row whole
+        work.redo = False
+        return _run(work, enc)
+    ids = _Ragged.concat([p[0] for p in parts])
+    names = set().union(*(p[1] for p in parts)) if parts else set()
+    masks = {k: np.concatenate([p[1][k] for p in parts]) for k in names}
+    return ids, masks
+
+
+def _render(tokenizer, convs: list, template: str, *, add_generation_prompt: bool = False,
+            spans: bool = False) -> tuple[list[str], list | None]:
+    """Rendered conversations (and assistant character spans), exactly as ``apply_chat_template`` renders them.
+    Plain {role, content} messages go straight to the compiled template: transformers' own path first copies
+    each message into plain template data, which for such messages is the same dicts."""
+    from transformers.utils.chat_template_utils import (
+        _REASONING_FIELDS,
+        _compile_jinja_template,
+        _normalize_chat_messages,
+        render_jinja_template,
+    )
+
+    kwargs = tokenizer.special_tokens_map
+    plain = [[{k: v for k, v in m.items() if v is not None} for m in c] for c in convs]
+    if not spans and all(isinstance(v, str) and k not in _REASONING_FIELDS
+                         for c in plain for m in c for k, v in m.items()):
+        compiled = _compile_jinja_template(template)
+        return [compiled.render(messages=c, tools=None, documents=None, add_generation_prompt=add_generation_prompt,
+                                **kwargs) for c in plain], None
+    return render_jinja_template(
         conversations=[_normalize_chat_messages(c) for c in convs], tools=None, documents=None,
         chat_template=template, return_assistant_tokens_mask=spans, continue_final_message=False,
-        add_generation_prompt=add_generation_prompt, **enc.tokenizer.special_tokens_map)
-    return rendered, indices
+        add_generation_prompt=add_generation_prompt, **kwargs)
 
 
-def _tokenize_messages(convs: list, enc: _Encoder, template: str, assistant_only: bool, name: str):
-    texts, spans = _render(enc, convs, template, spans=assistant_only)
-    if not assistant_only:
-        return enc.encode(texts, add_special_tokens=False), {}
-    encodings = enc.encodings(texts, add_special_tokens=False, offsets=True)
-    ids = enc.ragged(encodings)
-    mask = _span_mask(encodings, spans, ids)
-    _require_assistant_tokens(mask, ids, name)
-    return ids, {"assistant": mask}
+class _TextWork:
+    """Plain text (+ EOS), special tokens added as the tokenizer's ``__call__`` adds them."""
+
+    def __init__(self, enc: _Encoder, texts: list[str]):
+        self.texts_, self.rows = texts, len(texts)
+
+    def texts(self, lo, hi):
+        return [(self.texts_[lo:hi], True, False)], None
+
+    def finish(self, ctx, encodings):
+        return _Encoder.ragged(encodings[0]), {}
+
+
+class _MessagesWork:
+    """Whole conversations; with assistant-only loss, the tokens overlapping the template's generation spans."""
+
+    def __init__(self, enc: _Encoder, convs: list, template: str, assistant_only: bool, name: str):
+        self.enc, self.convs, self.template, self.spans, self.name = enc, convs, template, assistant_only, name
+        self.rows = len(convs)
+
+    def texts(self, lo, hi):
+        texts, spans = _render(self.enc.tokenizer, self.convs[lo:hi], self.template, spans=self.spans)
+        return [(texts, False, self.spans)], (lo, spans)
+
+    def finish(self, ctx, encodings):
+        ids = _Encoder.ragged(encodings[0])
+        if not self.spans:
+            return ids, {}
+        mask = _span_mask(encodings[0], ctx[1], ids)
+        _require_assistant_tokens(mask, ids, self.name, ctx[0])
+        return ids, {"assistant": mask}
+
+
+class _TextPairsWork:
+    """Text prompt/completion: TRL tokenizes prompt and prompt+completion (special tokens added) and the
+    completion starts where they diverge."""
+
+    def __init__(self, enc: _Encoder, prompts: list[str], completions: list[str]):
+        self.prompts, self.completions, self.rows = prompts, completions, len(prompts)
+
+    def texts(self, lo, hi):
+        p = self.prompts[lo:hi]
+        return [(p, True, False), ([a + b for a, b in zip(p, self.completions[lo:hi])], True, False)], None
+
+    def finish(self, ctx, encodings):
+        prompt, full = (_Encoder.ragged(e) for e in encodings)
+        return full, {"completion": _completion_mask(full, _common_prefix(prompt, full))}
+
+
+class _ChatPairsWork:
+    """Conversational prompt/completion: TRL tokenizes the prompt (with the generation prompt) and
+    prompt+completion, and the completion starts where the two token lists diverge. The text both share up
+    to the last special token before they differ is tokenized once (``_split_points``); checked against whole
+    texts on the first rows, and every row is tokenized whole if the check fails."""
+
+    def __init__(self, enc: _Encoder, prompts: list, completions: list, template: str, assistant_only: bool,
+                 name: str):
+        self.enc, self.template, self.assistant_only, self.name = enc, template, assistant_only, name
+        self.prompts, self.completions, self.rows = prompts, completions, len(prompts)
+        self.cands = None if assistant_only else _split_candidates(enc, template)
+        self.redo = False
+
+    def texts(self, lo, hi):
+        tok = self.enc.tokenizer
+        p_texts, _ = _render(tok, self.prompts[lo:hi], self.template, add_generation_prompt=True)
+        f_texts, spans = _render(tok, [p + c for p, c in zip(self.prompts[lo:hi], self.completions[lo:hi])],
+                                 self.template, spans=self.assistant_only)
+        if self.assistant_only:
+            return [(f_texts, False, True), (p_texts, False, False)], (lo, spans, None)
+        if self.cands:
+            points = [_split_point(p, f, self.cands) for p, f in zip(p_texts, f_texts)]
+            parts = [f[:b] for f, b in zip(f_texts, points)] + [p[b:] for p, b in zip(p_texts, points)] + \
+                [f[b:] for f, b in zip(f_texts, points)]
+            requests = [(parts, False, False)]
+            if lo == 0:  # the check: the first rows whole
+                requests += [(f_texts[:CHECK_ROWS], False, False), (p_texts[:CHECK_ROWS], False, False)]
+            return requests, (lo, None, hi - lo)
+        return [(f_texts, False, False), (p_texts, False, False)], (lo, None, None)
+
+    def finish(self, ctx, encodings):
+        lo, spans, split_rows = ctx
+        if split_rows is not None:
+            parts = _Encoder.ragged(encodings[0])
+            head, p_tail, f_tail = (_slice_rows(parts, i * split_rows, (i + 1) * split_rows) for i in range(3))
+            full, prompt = _concat_rows(head, f_tail), _concat_rows(head, p_tail)
+            if lo == 0:
+                k = min(split_rows, CHECK_ROWS)
+                whole, whole_p = _Encoder.ragged(encodings[1]), _Encoder.ragged(encodings[2])
+                if not (_same_rows(whole, _slice_rows(full, 0, k)) and _same_rows(whole_p, _slice_rows(prompt, 0, k))):
+                    log.info("this tokenizer does not tokenize chat text split at special tokens as a whole; "
+                             "tokenizing prompts and completions whole")
+                    self.cands, self.redo = None, True
+            return full, {"completion": _completion_mask(full, head.lengths + _common_prefix(p_tail, f_tail))}
+        full, prompt = _Encoder.ragged(encodings[0]), _Encoder.ragged(encodings[1])
+        masks = {"completion": _completion_mask(full, _common_prefix(prompt, full))}
+        if spans is not None:
+            masks["assistant"] = _span_mask(encodings[0], spans, full)
+            _require_assistant_tokens(masks["assistant"], full, self.name, lo)
+        return full, masks
+
+
+def _completion_mask(full: _Ragged, prompt_len):
+    """True for each token at or after its row's prompt length."""
+    return np.arange(full.values.size) - np.repeat(full.starts, full.lengths) >= np.repeat(prompt_len, full.lengths)
 
 
 def _span_mask(encodings, spans: list[list[tuple[int, int]]], ids: _Ragged):
-    """1 for every token overlapping an assistant span (transformers' rule), computed on flat arrays."""
+    """True for every token overlapping an assistant span (transformers' rule), on flat arrays."""
     offsets = np.array(list(itertools.chain.from_iterable(e.offsets for e in encodings)), dtype=np.int64)
     offsets = offsets.reshape(-1, 2)
     # one coordinate line for all rows: row i's characters live at base[i] + c
@@ -369,107 +508,57 @@ def _span_mask(encodings, spans: list[list[tuple[int, int]]], ids: _Ragged):
     return inside & (t_end > s_start[k]) & (t_start < s_end[k])
 
 
-def _require_assistant_tokens(mask, ids: _Ragged, name: str) -> None:
+def _require_assistant_tokens(mask, ids: _Ragged, name: str, first_row: int = 0) -> None:
     empty = np.flatnonzero(_row_sums(mask, ids.lengths) == 0)
     if empty.size:
-        raise DatasetInvalid(f"row {int(empty[0])} has no assistant tokens once rendered with the chat template: "
-                             "its {% generation %} markers mark nothing; check ModelConfig.chat_template",
+        raise DatasetInvalid(f"row {first_row + int(empty[0])} has no assistant tokens once rendered with the chat "
+                             "template: its {% generation %} markers mark nothing; check ModelConfig.chat_template",
                              field=f"{name} data")
 
 
-def _tokenize_chat_pairs(prompts: list, completions: list, enc: _Encoder, template: str, assistant_only: bool,
-                         name: str):
-    """Conversational prompt/completion: TRL tokenizes the prompt (with the generation prompt) and
-    prompt+completion, and the completion starts where the two token lists diverge."""
-    fulls = [p + c for p, c in zip(prompts, completions)]
-    p_texts, _ = _render(enc, prompts, template, add_generation_prompt=True)
-    f_texts, spans = _render(enc, fulls, template, spans=assistant_only)
-    masks: dict = {}
-    if assistant_only:
-        encodings = enc.encodings(f_texts, add_special_tokens=False, offsets=True)
-        full = enc.ragged(encodings)
-        masks["assistant"] = _span_mask(encodings, spans, full)
-        _require_assistant_tokens(masks["assistant"], full, name)
-        prompt = enc.encode(p_texts, add_special_tokens=False)
-        prompt_len = _common_prefix(prompt, full)
-    else:
-        full, prompt_len = _split_tokenize(p_texts, f_texts, enc)
-    masks["completion"] = np.arange(full.values.size) - np.repeat(full.starts, full.lengths) \
-        >= np.repeat(prompt_len, full.lengths)
-    return full, masks
-
-
-def _tokenize_text_pairs(prompts: list[str], completions: list[str], enc: _Encoder):
-    prompt = enc.encode(prompts, add_special_tokens=True)
-    full = enc.encode([p + c for p, c in zip(prompts, completions)], add_special_tokens=True)
-    prompt_len = _common_prefix(prompt, full)
-    mask = np.arange(full.values.size) - np.repeat(full.starts, full.lengths) >= np.repeat(prompt_len, full.lengths)
-    return full, {"completion": mask}
-
-
 def _common_prefix(a: _Ragged, b: _Ragged):
-    """Per row, how many leading tokens a and b share (TRL's ``common_prefix_length``)."""
-    out = np.zeros(a.lengths.size, dtype=np.int64)
-    sa, sb = a.starts, b.starts
-    for i in range(a.lengths.size):
-        n = int(min(a.lengths[i], b.lengths[i]))
-        x, y = a.values[sa[i]:sa[i] + n], b.values[sb[i]:sb[i] + n]
-        diff = np.flatnonzero(x != y)
-        out[i] = diff[0] if diff.size else n
+    """Per row, how many leading tokens a and b share (TRL's ``common_prefix_length``), on flat arrays."""
+    n = np.minimum(a.lengths, b.lengths)
+    total = int(n.sum())
+    if total == 0:
+        return np.zeros(n.size, dtype=np.int64)
+    row_start = np.concatenate([[0], np.cumsum(n)[:-1]])
+    j = np.arange(total) - np.repeat(row_start, n)  # position within the row
+    differ = a.values[np.repeat(a.starts, n) + j] != b.values[np.repeat(b.starts, n) + j]
+    first = np.where(differ, j, np.iinfo(np.int64).max)
+    out = n.copy()
+    rows = np.flatnonzero(n > 0)
+    out[rows] = np.minimum(n[rows], np.minimum.reduceat(first, row_start[rows]))
     return out
 
 
-def _split_points(enc: _Encoder, p_texts: list[str], f_texts: list[str]) -> list[int] | None:
-    """Per row, where the prompt and prompt+completion texts can be cut so that the part before tokenizes
-    the same in both: the start of the last added token they share before they differ. None where this
-    tokenizer gives no such guarantee."""
+def _split_candidates(enc: _Encoder, template: str) -> list[str] | None:
+    """Added tokens at which rendered chat text can be cut so the part before tokenizes the same whatever
+    follows: tokenizers split added tokens out before normalizing or pre-tokenizing. Only tokens that appear
+    in the template, strip nothing around them, match anywhere and overlap no other added token."""
     backend = enc.backend
     if backend.encode_special_tokens:
         return None
     added = {str(t.content): t for t in enc.tokenizer.added_tokens_decoder.values()}
     normalizer = backend.normalizer is not None
-    tpl = enc.tokenizer.get_chat_template(None, None) or ""
     cands = []
     for text, tok in added.items():
-        if not text or tok.lstrip or tok.single_word or (normalizer and tok.normalized):
+        if not text or text not in template or tok.lstrip or tok.rstrip or tok.single_word or \
+                (normalizer and tok.normalized):
             continue
-        # an added token overlapping this one could be matched instead of it
         overlaps = any(o != text and (text in o or any(o.endswith(text[:k]) or o.startswith(text[k:])
                                                       for k in range(1, len(text))))
                        for o in added)
-        if not overlaps and (text in tpl or any(text in f for f in f_texts[:CHECK_ROWS])):
+        if not overlaps:
             cands.append(text)
-    if not cands:
-        return None
-    points = []
-    for p, f in zip(p_texts, f_texts):
-        d = len(p) if f.startswith(p) else len(os.path.commonprefix([p, f]))
-        points.append(max(0, max(p.rfind(c, 0, d) for c in cands)))
-    return points
+    return cands or None
 
 
-def _split_tokenize(p_texts: list[str], f_texts: list[str], enc: _Encoder):
-    """(prompt+completion tokens, per-row prompt length) tokenizing the shared text once."""
-    points = _split_points(enc, p_texts, f_texts)
-    if points is not None:
-        n = len(p_texts)
-        heads = [f[:b] for f, b in zip(f_texts, points)]
-        p_tails = [p[b:] for p, b in zip(p_texts, points)]
-        f_tails = [f[b:] for f, b in zip(f_texts, points)]
-        parts = enc.encode(heads + p_tails + f_tails, add_special_tokens=False)
-        head, p_tail, f_tail = (_slice_rows(parts, i * n, (i + 1) * n) for i in range(3))
-        full = _concat_rows(head, f_tail)
-        prompt = _concat_rows(head, p_tail)
-        k = min(n, CHECK_ROWS)
-        whole = enc.encode(f_texts[:k], add_special_tokens=False)
-        whole_p = enc.encode(p_texts[:k], add_special_tokens=False)
-        if _same_rows(whole, _slice_rows(full, 0, k)) and _same_rows(whole_p, _slice_rows(prompt, 0, k)):
-            return full, head.lengths + _common_prefix(p_tail, f_tail)
-        log.info("this tokenizer does not tokenize chat text split at special tokens as a whole; "
-                 "tokenizing prompts and completions whole")
-    full = enc.encode(f_texts, add_special_tokens=False)
-    prompt = enc.encode(p_texts, add_special_tokens=False)
-    return full, _common_prefix(prompt, full)
+def _split_point(p: str, f: str, cands: list[str]) -> int:
+    """Where prompt p and prompt+completion f are cut: the start of the last candidate token both share
+    before they differ (0: nowhere, both are tokenized whole)."""
+    d = len(p) if f.startswith(p) else len(os.path.commonprefix([p, f]))
+    return max(0, max(p.rfind(c, 0, d) for c in cands))
 
 
 def _slice_rows(r: _Ragged, lo: int, hi: int) -> _Ragged:

@@ -15,12 +15,16 @@ prompt_completion   ``prompt`` + ``completion`` (strings or      ``prompt`` + ``
 text                ``text``                                     ``text``
 ==================  ===========================================  =================================
 
-Every file is used; all of them must end up in the same TRL form.
+Every file is used; all of them must end up in the same TRL form. A parquet file of chat rows whose
+messages are all valid stays in Arrow (checked column by column with pyarrow.compute); any other file, or
+one with a bad row, goes through the row-by-row reader, whose errors name the rows.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -49,6 +53,7 @@ class Splits:
     form: str  # messages | prompt_completion | text
     formats: dict[str, str] = field(default_factory=dict)  # file name -> detected source format
     files: list[DataFile] = field(default_factory=list)
+    key: str | None = None  # digest of the files and of how rows were selected: the same key, the same rows
 
     @property
     def digests(self) -> list[str]:
@@ -296,19 +301,77 @@ def _prompt_messages(value: Any, path: str) -> tuple[list[dict] | None, str | No
     return msgs, None
 
 
+# ------------------------------------------------------------------ chat parquet, in Arrow
+
+def _arrow_messages(f: DataFile, cfg: DatasetConfig):
+    """The file's messages as an Arrow table with one ``messages`` column of {role, content} structs, when it is
+    a parquet file of chat rows that are all valid; else None (the row-by-row reader takes it, and names the
+    bad rows)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if f.kind != "parquet" or cfg.format not in ("auto", "messages"):
+        return None
+    try:
+        schema = pq.read_schema(f.path)
+        fmt, mapping = detect_format(schema.names, cfg, f.name)
+    except (pa.ArrowInvalid, OSError, DatasetInvalid):
+        return None
+    if fmt != "messages":
+        return None
+    col = schema.field(mapping["messages"]).type
+    if not pa.types.is_list(col) and not pa.types.is_large_list(col):
+        return None
+    item = col.value_type
+    if not pa.types.is_struct(item) or {item.field(i).name for i in range(item.num_fields)} < {"role", "content"}:
+        return None
+    if not all(pa.types.is_string(item.field(n).type) or pa.types.is_large_string(item.field(n).type)
+               for n in ("role", "content")):
+        return None
+    try:
+        msgs = pq.read_table(f.path, columns=[mapping["messages"]]).column(0).combine_chunks()
+    except (pa.ArrowInvalid, OSError):
+        return None
+    if len(msgs) == 0 or msgs.null_count or not pc.all(pc.greater(pc.list_value_length(msgs), 0)).as_py():
+        return None
+    flat = msgs.flatten()
+    if flat.null_count:
+        return None
+    role, content = flat.field("role"), flat.field("content")
+    if role.null_count or content.null_count or not pc.all(pc.is_in(role, pa.array(ROLES))).as_py():
+        return None
+    if not pc.all(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(content)), 0)).as_py():
+        return None
+    parents = pc.list_parent_indices(msgs)
+    with_assistant = pc.unique(pc.filter(parents, pc.equal(role, "assistant")))
+    if len(with_assistant) != len(msgs):
+        return None
+    item = pa.struct([("role", pa.string()), ("content", pa.string())])
+    values = pa.StructArray.from_arrays([role.cast(pa.string()), content.cast(pa.string())], fields=list(item))
+    return pa.table({"messages": pa.ListArray.from_arrays(msgs.offsets, values)})
+
+
 # ------------------------------------------------------------------ the whole step
 
 def prepare(files: list[DataFile], cfg: DatasetConfig | None = None) -> Splits:
     """Read, detect, validate and convert every file; shuffle, cap and split."""
+    import pyarrow as pa
     from datasets import Dataset
 
     cfg = cfg or DatasetConfig()
     if not files:
         raise DatasetInvalid("no input files", field="tuning.input")
-    rows: list[dict] = []
+    tables: list = []
     forms: dict[str, str] = {}
     formats: dict[str, str] = {}
     for f in files:
+        table = _arrow_messages(f, cfg)
+        if table is not None:
+            formats[f.name], forms[f.name] = "messages", "messages"
+            tables.append(table)
+            log.info("%s: %d rows, format messages", f.name, table.num_rows)
+            continue
         columns, raw = read_rows(f)
         if not raw:
             raise DatasetInvalid(f"has zero rows (columns: {', '.join(columns) or 'none'}); every input file must "
@@ -316,20 +379,33 @@ def prepare(files: list[DataFile], cfg: DatasetConfig | None = None) -> Splits:
         fmt, mapping = detect_format(columns, cfg, f.name)
         form, converted = convert_rows(raw, fmt, mapping, f.name)
         formats[f.name], forms[f.name] = fmt, form
-        rows += converted
+        tables.append(converted)
         log.info("%s: %d rows, format %s", f.name, len(converted), fmt)
     if len(set(forms.values())) > 1:
         desc = ", ".join(f"{n}: {formats[n]}" for n in forms)
         raise DatasetInvalid(f"the input files hold different formats ({desc}); they must all be chat "
                              "(messages/sharegpt/alpaca), all prompt/completion or all text", field="tuning.input")
     form = next(iter(forms.values()))
-    ds = Dataset.from_list(rows)
+    if all(isinstance(t, pa.Table) for t in tables):
+        ds = Dataset(pa.concat_tables(tables))
+    else:
+        ds = Dataset.from_list([r for t in tables for r in (t.to_pylist() if isinstance(t, pa.Table) else t)])
     if cfg.shuffle_dataset:
         ds = ds.shuffle(seed=cfg.shuffle_seed)
     if cfg.max_rows:
         ds = ds.select(range(min(cfg.max_rows, len(ds))))
     train, eval_ = split(ds, cfg.train_test_split)
-    return Splits(train=train, eval=eval_, form=form, formats=formats, files=list(files))
+    return Splits(train=train, eval=eval_, form=form, formats=formats, files=list(files), key=rows_key(files, cfg))
+
+
+#: bump when the rows made of the same files and settings change
+ROWS_VERSION = 1
+
+
+def rows_key(files: list[DataFile], cfg: DatasetConfig) -> str:
+    """The same files (by digest, in order) read with the same DatasetConfig give the same rows."""
+    doc = {"version": ROWS_VERSION, "files": [f.sha256 for f in files], "config": dataclasses.asdict(cfg)}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def split(ds, train_fraction: float):

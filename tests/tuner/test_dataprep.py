@@ -113,22 +113,47 @@ def test_messages_last_turn_as_completion_same_as_trl(chatml_tok, tiny_phi3, tmp
     assert ours.tokens > 0
 
 
-def test_split_tokenization_matches_whole_texts(chatml_tok, tmp_path):
+def test_split_tokenization_matches_whole_texts(chatml_tok):
     """The shared text before the generation prompt's special token is tokenized once: the same tokens."""
     enc = dataprep._Encoder(chatml_tok)
     prompts, completions = dataprep._last_turn_split([r["messages"] for r in awkward_messages()])
-    p_texts, _ = dataprep._render(enc, prompts, CHATML, add_generation_prompt=True)
-    f_texts, _ = dataprep._render(enc, [p + c for p, c in zip(prompts, completions)], CHATML)
-    points = dataprep._split_points(enc, p_texts, f_texts)
-    assert points is not None and all(0 < b < len(p) for b, p in zip(points, p_texts))
-    assert all(p[b:] == "<|im_start|>assistant\n" for p, b in zip(p_texts, points))
-    full, prompt_len = dataprep._split_tokenize(p_texts, f_texts, enc)
+    p_texts, _ = dataprep._render(chatml_tok, prompts, CHATML, add_generation_prompt=True)
+    f_texts, _ = dataprep._render(chatml_tok, [p + c for p, c in zip(prompts, completions)], CHATML)
+    assert p_texts == chatml_tok.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+    cands = dataprep._split_candidates(enc, CHATML)
+    assert cands == ["<|im_start|>", "<|im_end|>"]
+    assert all(p[dataprep._split_point(p, f, cands):] == "<|im_start|>assistant\n" for p, f in zip(p_texts, f_texts))
+    work = dataprep._ChatPairsWork(enc, prompts, completions, CHATML, False, "train")
+    full, masks = dataprep._run(work, enc)
     for i, (p, f) in enumerate(zip(p_texts, f_texts)):
         whole = chatml_tok(f, add_special_tokens=False)["input_ids"]
         pids = chatml_tok(p, add_special_tokens=False)["input_ids"]
         assert list(full.row(i)) == whole
         n = next((k for k, (a, b) in enumerate(zip(pids, whole)) if a != b), min(len(pids), len(whole)))
-        assert prompt_len[i] == n
+        start = int(full.lengths[:i].sum())
+        assert list(masks["completion"][start:start + len(whole)]) == [k >= n for k in range(len(whole))]
+
+
+def test_a_split_that_changes_tokens_falls_back_to_whole_texts(chatml_tok, tiny_phi3, tmp_path, monkeypatch,
+                                                                caplog):
+    """The check on the first rows catches a cut that tokenizes differently: every row is then tokenized whole."""
+    # a cut inside a word ("hel|pful" of the system prompt): the pieces tokenize differently from the whole word
+    monkeypatch.setattr(dataprep, "_split_point", lambda p, f, cands: p.find("helpful") + 3 if "helpful" in p else 0)
+    data = splits(tmp_path, "chat", awkward_messages())
+    with caplog.at_level("INFO", logger="kaito_tuning.tuner.dataprep"):
+        same_as_trl(data, chatml_tok, sft_args(tmp_path, completion_only_loss=True), tiny_phi3, "completion_only")
+    assert "tokenizing prompts and completions whole" in caplog.text
+
+
+def test_chunks_give_the_same_rows(chatml_tok, tok, tmp_path, monkeypatch):
+    data = splits(tmp_path, "chat", awkward_messages())
+    for t, mask, kw in ((chatml_tok, "completion_only", {"completion_only_loss": True}),
+                        (tok, "assistant_only", {"assistant_only_loss": True})):
+        monkeypatch.setattr(dataprep, "CHUNK", 1024)
+        whole = dataprep.prepare_for_training(data, t, sft_args(tmp_path, **kw), loss_mask=mask)
+        monkeypatch.setattr(dataprep, "CHUNK", 3)
+        chunked = dataprep.prepare_for_training(data, t, sft_args(tmp_path, **kw), loss_mask=mask)
+        assert rows(chunked.train) == rows(whole.train)
 
 
 def test_messages_all_tokens_same_as_trl(tok, tiny_phi3, tmp_path):

@@ -101,3 +101,45 @@ def test_many_bad_rows_are_counted(tmp_path):
     p = write_parquet(tmp_path / "t.parquet", rows)
     with pytest.raises(DatasetInvalid, match=r"row 4: text is empty or not text \(and 4 more\)"):
         prepare(files(p))
+
+
+def test_chat_parquet_stays_in_arrow_with_the_same_rows(tmp_path, monkeypatch):
+    """A valid chat parquet is read column-wise (no Python rows); its rows are those of the row-by-row reader,
+    extra message fields dropped."""
+    import pyarrow as pa
+    from fixtures_data import messages_rows, write_parquet
+
+    from kaito_tuning.tuner import formats
+
+    rows = messages_rows(2) + [{"messages": [{"role": "user", "content": "Hi", "name": "x"},
+                                             {"role": "assistant", "content": " Hello ", "name": None}]}]
+    p = write_parquet(tmp_path / "c.parquet", rows)
+    cfg = DatasetConfig(train_test_split=0.8, shuffle_seed=3)
+    fast = prepare(files(p), cfg)
+    assert formats._arrow_messages(files(p)[0], cfg) is not None
+    monkeypatch.setattr(formats, "_arrow_messages", lambda f, cfg: None)
+    slow = prepare(files(p), cfg)
+    assert fast.train[:] == slow.train[:] and fast.eval[:] == slow.eval[:] and fast.form == slow.form == "messages"
+    assert fast.train.features == slow.train.features
+    monkeypatch.undo()
+    # with a row-by-row file beside it, both go through Python rows, in file order
+    q = write_parquet(tmp_path / "d.parquet", [{"instruction": "Q", "output": "A"}])
+    both = prepare(files(p, q), NO_SPLIT)
+    assert len(both.train) == len(rows) + 1 and both.train[-1]["messages"][1] == {"role": "assistant", "content": "A"}
+    # anything invalid goes to the row-by-row reader, whose error names the row
+    for bad in ({"role": "robot", "content": "x"}, {"role": "assistant", "content": "  "}, None):
+        r = [{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]}] * 3
+        r = r + [{"messages": [{"role": "user", "content": "Q"}] + ([bad] if bad else [])}]
+        t = write_parquet(tmp_path / "bad.parquet", r, pa.schema([("messages", pa.list_(pa.struct(
+            [("role", pa.string()), ("content", pa.string())])))]))
+        assert formats._arrow_messages(files(t)[0], DatasetConfig()) is None
+        with pytest.raises(DatasetInvalid, match="bad.parquet: row 3: messages"):
+            prepare(files(t))
+
+
+def test_rows_key_follows_files_and_selection(datasets_dir):
+    a = prepare(files(datasets_dir["messages"]), DatasetConfig(shuffle_seed=1))
+    assert a.key == prepare(files(datasets_dir["messages"]), DatasetConfig(shuffle_seed=1)).key
+    assert a.key != prepare(files(datasets_dir["messages"]), DatasetConfig(shuffle_seed=2)).key
+    assert a.key != prepare(files(datasets_dir["messages"]), DatasetConfig(shuffle_seed=1, max_rows=3)).key
+    assert a.key != prepare(files(datasets_dir["messages"], datasets_dir["alpaca"]), DatasetConfig(shuffle_seed=1)).key
