@@ -32,10 +32,13 @@ import yaml
 
 from kaito_tuning.contract import (
     CONFIG_KEY,
+    DATA_DIR,
     DEFAULT_OUTPUT_DIR,
     LABEL_TUNING_METHOD,
     MOUNT_ROOT,
     RESERVED_DIRS,
+    dataset_location,
+    in_data_dir,
 )
 from kaito_tuning.errors import Problem, ValidationError
 from kaito_tuning.spec.files import YamlError, bounded, clip, load_yaml, short
@@ -282,10 +285,11 @@ def _semantic(cfg: TuningConfig, method: str | None, raw: dict) -> list[Problem]
     d = cfg.section("DatasetConfig")
     if d.get("format") not in (None, *DATASET_FORMATS):
         p.append(Problem("DatasetConfig.format", f"must be one of {', '.join(DATASET_FORMATS)}, got {short(d['format'])}"))
-    if d.get("dataset_path") is not None:
-        path = posixpath.normpath(posixpath.join("/mnt/data", d["dataset_path"]))
-        if not (path == "/mnt/data" or path.startswith("/mnt/data/")):
-            p.append(Problem("DatasetConfig.dataset_path", f"{short(d['dataset_path'])} leaves the input directory /mnt/data"))
+    if isinstance(d.get("dataset_path"), str) and in_data_dir(dataset_location(d["dataset_path"])) is None:
+        # Kaito's meaning: relative to /mnt (``/data/x.parquet`` and ``data/x.parquet`` are /mnt/data/x.parquet)
+        p.append(Problem("DatasetConfig.dataset_path",
+                         f"{short(d['dataset_path'])} leaves the input directory {DATA_DIR} (the path is relative to "
+                         f"{MOUNT_ROOT}, as in Kaito: write /data/<file>)"))
     p += _range_problems(cfg)
     dc = cfg.section("DataCollator")
     mask, rand = dc.get("mask_replace_prob", 0.8), dc.get("random_replace_prob", 0.1)

@@ -77,6 +77,8 @@ BAD = [
     ({"DataCollator": {"tokenizer": "gpt2"}}, None, "DataCollator.tokenizer: unknown key"),
     ({"DatasetConfig": {"dataset_path": "../config"}}, None, "DatasetConfig.dataset_path: '../config' leaves"),
     ({"DatasetConfig": {"dataset_path": "/mnt/data/../etc"}}, None, "leaves the input directory"),
+    ({"DatasetConfig": {"dataset_path": "x.parquet"}}, None, "relative to /mnt, as in Kaito: write /data/<file>"),
+    ({"DatasetConfig": {"dataset_path": "/config/training_config.yaml"}}, None, "leaves the input directory"),
     ({"LoraConfig": "r=8"}, None, "LoraConfig: must be a mapping"),
 ]
 
