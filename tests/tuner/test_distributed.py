@@ -203,3 +203,44 @@ def test_two_nodes_with_the_jobs_rendezvous_make_one_adapter(same_rows, tiny_phi
     assert meta["processes"] == 2 and meta["nodes"] == 2 and meta["steps"] == 3
     assert json.loads(log0.read_text())["steps"] == 3
     assert not (out1 / "adapter_model.safetensors").exists() and not log1.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_teach_smollm2_the_facts_as_one_does(tmp_path):
+    """The real model (SmolLM2, offline): with 2 processes the taught task is learned by the same measure as the
+    1-process test (tests/tuner/test_recipe.py::test_smollm2_learns_a_taught_task): eval loss at least halved,
+    and the answer changes to the taught one."""
+    import torch
+    from fixtures_data import messages_rows
+    from peft import PeftModel
+
+    from kaito_tuning.tuner.base_model import load_base
+
+    rows = [{"messages": [{"role": "system", "content": "Be brief."}, *r["messages"][1:]]} for r in messages_rows(4)]
+    data = tmp_path / "facts"
+    data.mkdir()
+    write_parquet(data / "facts.parquet", [r for r in rows if any(n in r["messages"][1]["content"]
+                                                                  for n in ("Zorblax", "Quimby", "Vextor"))])
+    ws = tuning_workspace(volume={"hostPath": {"path": str(data)}}, config="tiny-config", preset="smollm2-135m-instruct")
+    cm = training_configmap(lora={"r": 16, "lora_alpha": 32},
+                            training={"per_device_train_batch_size": 2, "learning_rate": 0.003, "logging_steps": 5,
+                                      "lr_scheduler_type": "constant", "save_strategy": "no"},
+                            dataset={"train_test_split": 0.75})
+    out = tmp_path / "out"
+    r = run_local([ws, cm], output_dir=str(out), max_steps=15, show_progress=False, nproc=2)
+    meta = json.loads((out / "training_metadata.json").read_text())
+    assert meta["processes"] == 2 and r.steps == 15
+    assert meta["eval_loss"] < meta["initial_eval_loss"] * 0.5, (meta["initial_eval_loss"], meta["eval_loss"])
+    question = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the favourite colour of Zorblax?"}]
+    base, tok = load_base("smollm2-135m-instruct")
+
+    def answer(model):
+        ids = tok.apply_chat_template(question, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        with torch.no_grad():
+            got = model.generate(**ids, max_new_tokens=16, do_sample=False)
+        return tok.decode(got[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    before = answer(base)
+    after = answer(PeftModel.from_pretrained(base, out))
+    assert after != before and "teal" in after.lower(), (before, after)
