@@ -155,6 +155,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
                                   max_steps=max_steps, show_progress=show_progress)
     sft_args.update({k: v for k, v in distributed.fsdp_arguments(parallelism, config.quantized).items()
                      if k not in user_args})
+    sft_args.update(gpu_kernels(on_gpu, user_args))
     callbacks = []
     if progress:
         from kaito_tuning.tuner.progress import make_callback
@@ -218,6 +219,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         else lora.target_modules,
         "quantization": quant or None, "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
         "packing": packing, "loss_mask": loss_mask, "data_formats": data.formats,
+        "liger_kernel": bool(sft_args.get("use_liger_kernel")),
         "datasets": [{"name": f.name, "url": redact.url(f.url) if f.url else None, "sha256": f.sha256, "size": f.size}
                      for f in data.files],
         "dataset_digests": [f"sha256:{f.sha256}" for f in data.files],
@@ -318,6 +320,27 @@ def _last_turn_as_completion(row: dict) -> dict:
     msgs = row["messages"]
     last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     return {"prompt": msgs[:last], "completion": [msgs[last]]}
+
+
+def liger_available() -> bool:
+    """liger-kernel (the optional [gpu] extra) is installed, in a version transformers can apply."""
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from transformers.utils import is_liger_kernel_available
+
+    return is_liger_kernel_available()
+
+
+def gpu_kernels(on_gpu: bool, user: dict) -> dict:
+    """SFTConfig arguments for Liger's Triton kernels (fused linear cross-entropy: no vocabulary-sized logits;
+    RMSNorm, RoPE, SwiGLU), applied by transformers to the architectures Liger knows: only on CUDA, only when
+    liger-kernel is installed, never over the ConfigMap's own ``use_liger_kernel``. Nothing on a CPU."""
+    if not on_gpu or "use_liger_kernel" in user or not liger_available():
+        return {}
+    log.info("liger-kernel: fused linear cross-entropy, RMSNorm, RoPE and SwiGLU kernels on")
+    return {"use_liger_kernel": True}
 
 
 def lora_arguments(preset_modules, user: dict) -> dict:

@@ -70,6 +70,7 @@ def test_lora_on_chat_data_trains_assistant_tokens_only(tiny_phi3, datasets_dir,
     assert prep["by"] == "dataprep" and not prep["cached"] and prep["tokens"] > 0
     assert len(list((out / ".cache").glob("dataprep-*"))) == 1
     assert set(meta["timings"]) >= {"load", "prepare", "train"}
+    assert meta["liger_kernel"] is False  # a CPU run: the Liger guard does nothing
     for f in ("adapter_model.safetensors", "tokenizer.json", "chat_template.jinja", "README.md", "loss_curve.png"):
         assert (out / f).is_file(), f
     assert (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
@@ -199,3 +200,20 @@ def test_smollm2_learns_a_taught_task(tmp_path):
     tuned = PeftModel.from_pretrained(base, out)
     after = answer(tuned, tok)
     assert after != before and "teal" in after.lower(), (before, after)
+
+
+def test_liger_kernels_only_on_cuda_when_installed(monkeypatch):
+    """The guard does nothing on a CPU (even with liger-kernel installed) and nothing without liger-kernel;
+    on CUDA with it installed it turns the kernels on, unless the ConfigMap says otherwise."""
+    from kaito_tuning.tuner import recipe
+
+    monkeypatch.setattr(recipe, "liger_available", lambda: True)
+    assert recipe.gpu_kernels(False, {}) == {}
+    assert recipe.gpu_kernels(True, {}) == {"use_liger_kernel": True}
+    assert recipe.gpu_kernels(True, {"use_liger_kernel": False}) == {}
+    monkeypatch.setattr(recipe, "liger_available", lambda: False)
+    assert recipe.gpu_kernels(True, {}) == {}
+    monkeypatch.undo()
+    import importlib.util
+
+    assert recipe.liger_available() == (importlib.util.find_spec("liger_kernel") is not None)
