@@ -143,12 +143,14 @@ def run_trl(file: Path, tok_dir: str, recipe: bool, packing: bool, max_length: i
 
 
 def run_ours(file: Path, tok_dir: str, packing: bool, max_length: int, cache: bool) -> dict:
+    import datasets  # noqa: F401  (imported before the clock starts, as TRL's variant has it imported)
     from transformers import AutoTokenizer
 
     from kaito_tuning.spec.training_config import DatasetConfig
     from kaito_tuning.tuner import dataprep
     from kaito_tuning.tuner.formats import prepare
     from kaito_tuning.tuner.inputs import collect_dir
+    from kaito_tuning.tuner.recipe import loss_mask_for
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     res: dict = {}
@@ -157,20 +159,24 @@ def run_ours(file: Path, tok_dir: str, packing: bool, max_length: int, cache: bo
             t0 = time.perf_counter()
             splits = prepare(collect_dir(file.parent), DatasetConfig(train_test_split=1.0, shuffle_dataset=False))
             t1 = time.perf_counter()
-            prepared = dataprep.prepare_for_training(splits, tok, max_length=max_length, packing=packing,
+            mask = loss_mask_for(splits, tok)  # the recipe's choice: completion_only for SmolLM2's template
+            args = sft_config(mask == "completion_only", packing, max_length, out)
+            args.assistant_only_loss = mask == "assistant_only"
+            prepared = dataprep.prepare_for_training(splits, tok, args, loss_mask=mask,
                                                      cache_dir=Path(out) / ".cache" if cache else None)
             t2 = time.perf_counter()
             ds = prepared.train
             key = "" if attempt == "cold" else "cached_"
             res.update({f"{key}seconds": t2 - t0, f"{key}read_seconds": t1 - t0, f"{key}tokenize_seconds": t2 - t1})
-    res.update(rows=len(ds), tokens=_tokens(ds), loss_mask=prepared.loss_mask)
+    res.update(rows=len(ds), tokens=_tokens(ds), loss_mask=mask)
     return res
 
 
 def _tokens(ds) -> int:
+    """Tokens in the dataset's rows (its row selection applied: TRL's filter keeps the table and selects)."""
     import pyarrow.compute as pc
 
-    return int(pc.sum(pc.list_value_length(ds.data.table.column("input_ids"))).as_py())
+    return int(pc.sum(pc.list_value_length(ds.with_format("arrow")["input_ids"])).as_py())
 
 
 def child(args) -> None:

@@ -208,8 +208,12 @@ def _prepare_split(ds, form: str, enc: _Encoder, args, loss_mask: str, template:
 
     completion_only = args.completion_only_loss
     eos = _eos(enc.tokenizer, args)
+    # tokens past max_length are dropped (truncation keeping the start, or bfd packing): long texts are cut first
+    keeps_start = (args.truncation_mode == "keep_start") if not packing else (args.packing_strategy == "bfd")
+    cut = args.max_length if args.max_length and keeps_start and enc.prefix_cut_ok() else None
     if form == "messages" and loss_mask != "completion_only":
-        work = _MessagesWork(enc, _column(ds, "messages"), template, args.assistant_only_loss, name)
+        work = _MessagesWork(enc, _column(ds, "messages"), template, args.assistant_only_loss, name,
+                             None if args.assistant_only_loss else cut)
         completion_only = False  # TRL: a language-modeling dataset has no completion mask
     elif form in ("messages", "prompt_completion"):
         if form == "messages":  # the last assistant turn is the completion (templates without generation markers)
@@ -219,12 +223,12 @@ def _prepare_split(ds, form: str, enc: _Encoder, args, loss_mask: str, template:
         if completion_only is None:
             completion_only = True
         if prompts and isinstance(prompts[0], list):
-            work = _ChatPairsWork(enc, prompts, completions, template, args.assistant_only_loss, name)
+            work = _ChatPairsWork(enc, prompts, completions, template, args.assistant_only_loss, name, cut)
         else:
             completions = [c if c.endswith(eos) else c + eos for c in completions]
             work = _TextPairsWork(enc, prompts, completions)
     else:
-        work = _TextWork(enc, [t if t.endswith(eos) else t + eos for t in _column(ds, "text")])
+        work = _TextWork(enc, [t if t.endswith(eos) else t + eos for t in _column(ds, "text")], cut)
         completion_only = False
     ids, masks = _run(work, enc)
     # labels: -100 wherever an applicable mask is 0 (the completion mask only with completion_only_loss)
@@ -326,27 +330,46 @@ class _Encoder:
     def encode(self, texts: list[str], add_special_tokens: bool) -> _Ragged:
         return self.ragged(self.encodings(texts, add_special_tokens))
 
+    def prefix_cut_ok(self) -> bool:
+        """Whether a text cut between a letter and ' ' + a letter tokenizes as the whole text's leading tokens.
+        True for byte-level BPE with GPT-2's pre-tokenizer regex and nothing before it (no normalizer, no added
+        token holding a space): the regex scans left to right, every piece before the cut ends at or before it
+        in both texts and its matching looks at most one character past its end, and BPE works piece by piece."""
+        if not hasattr(self, "_prefix_ok"):
+            b = self.backend
+            pre = json.loads(b.pre_tokenizer.__getstate__()) if b.pre_tokenizer is not None else {}
+            self._prefix_ok = (b.normalizer is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                               and not pre.get("add_prefix_space") and type(b.model).__name__ == "BPE"
+                               and not b.model.dropout
+                               and not any(" " in str(t.content) for t in self.tokenizer.added_tokens_decoder.values()))
+        return self._prefix_ok
 
-#: rows per chunk: this thread renders chunk k+1 while the tokenizer (Rust, every core, GIL released) encodes k
+
+#: rows per chunk: this thread renders the next chunks while the tokenizer (Rust, every core, GIL released)
+#: encodes earlier ones, INFLIGHT at a time
 CHUNK = 1024
+INFLIGHT = 2
 
 
 def _run(work, enc: _Encoder) -> tuple[_Ragged, dict]:
     """Render/encode/assemble ``work`` chunk by chunk, rendering the next chunk while this one is encoded."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     parts: list = []
-    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
-        pending = None
+    # two chunks in the encoder at once: the Rust thread pool fills the tail of one batch with the other's texts
+    with ThreadPoolExecutor(INFLIGHT, thread_name_prefix="tokenize") as pool:
+        pending: deque = deque()
         for lo in range(0, work.rows, CHUNK):
             hi = min(work.rows, lo + CHUNK)
             requests, ctx = work.texts(lo, hi)
-            fut = pool.submit(lambda rq: [enc.encodings(t, s, o) for t, s, o in rq], requests)
-            if pending is not None:
-                parts.append(work.finish(pending[0], pending[1].result()))
-            pending = (ctx, fut)
-        if pending is not None:
-            parts.append(work.finish(pending[0], pending[1].result()))
+            pending.append((ctx, pool.submit(lambda rq: [enc.encodings(t, s, o) for t, s, o in rq], requests)))
+            if len(pending) > INFLIGHT:
+                ctx0, fut0 = pending.popleft()
+                parts.append(work.finish(ctx0, fut0.result()))
+        while pending:
+            ctx0, fut0 = pending.popleft()
+            parts.append(work.finish(ctx0, fut0.result()))
     if getattr(work, "redo", False):  # the split check failed on the first rows: every row whole
         work.redo = False
         return _run(work, enc)
@@ -381,36 +404,124 @@ def _render(tokenizer, convs: list, template: str, *, add_generation_prompt: boo
         add_generation_prompt=add_generation_prompt, **kwargs)
 
 
+#: a text longer than max_length times this many characters is cut before tokenizing (English runs at ~4.4
+#: characters per SmolLM2 token); a cut row that ends up shorter than max_length tokens is tokenized whole
+CUT_CHARS_PER_TOKEN = 5
+
+
+class _Cutter:
+    """Cuts texts whose tokens past ``max_length`` would be dropped anyway, at a place where the text before
+    tokenizes as the whole text's leading tokens (``_Encoder.prefix_cut_ok``), and mends rows cut too short.
+    The first rows cut are checked against their whole texts; if they differ, nothing is cut."""
+
+    def __init__(self, enc: _Encoder, max_length: int, add_special_tokens: bool):
+        self.enc, self.add_special_tokens = enc, add_special_tokens
+        self.need = max_length + (enc.backend.num_special_tokens_to_add(False) if add_special_tokens else 0)
+        self.limit = max_length * CUT_CHARS_PER_TOKEN
+
+    def cut(self, texts: list[str], before: list[int] | None = None) -> tuple[list[str], Any]:
+        """(texts cut, which were); ``before``: characters ahead of each text in its row (they count too)."""
+        limits = [self.limit] * len(texts) if before is None else [max(self.limit - b, 64) for b in before]
+        points = [_cut_point(t, n) if len(t) > n else len(t) for t, n in zip(texts, limits)]
+        return [t[:p] for t, p in zip(texts, points)], np.array([p < len(t) for t, p in zip(texts, points)], bool)
+
+    def mend(self, ids: _Ragged, texts: list[str], cut, before=0) -> _Ragged:
+        """Rows cut to fewer than max_length tokens (counting ``before`` tokens ahead of them), tokenized whole."""
+        short = np.flatnonzero(cut & (ids.lengths + before < self.need))
+        if short.size:
+            ids = _replace_rows(ids, short, self.enc.encode([texts[i] for i in short], self.add_special_tokens))
+        return ids
+
+    def check(self, ids: _Ragged, texts: list[str], cut) -> bool:
+        """The first cut rows' tokens are the leading tokens of their whole texts."""
+        rows = np.flatnonzero(cut)[:CHECK_ROWS]
+        whole = self.enc.encode([texts[i] for i in rows], self.add_special_tokens)
+        specials_at_end = self.enc.backend.num_special_tokens_to_add(False) if self.add_special_tokens else 0
+        for k, i in enumerate(rows):
+            got = ids.row(int(i))
+            n = len(got) - specials_at_end  # a template adding a token at the end adds it after the cut too
+            if n < 0 or not np.array_equal(whole.row(k)[:n], got[:n]):
+                log.info("this tokenizer does not tokenize a text cut at a word boundary as the whole text's "
+                         "leading tokens; tokenizing whole texts")
+                return False
+        return True
+
+
+def _cut_point(text: str, limit: int) -> int:
+    """The last place at or before ``limit`` between a letter and ' ' + a letter; len(text) where there is none
+    in the 2,000 characters before it."""
+    lo = max(1, limit - 2000)
+    p = text.rfind(" ", lo, limit)
+    while p > lo:
+        if p + 1 < len(text) and text[p - 1].isalpha() and text[p + 1].isalpha():
+            return p
+        p = text.rfind(" ", lo, p)
+    return len(text)
+
+
+def _replace_rows(r: _Ragged, rows, new: _Ragged) -> _Ragged:
+    """r with its rows ``rows`` (ascending) replaced by new's rows, in order."""
+    parts, prev = [], 0
+    for k, i in enumerate(rows):
+        parts += [_slice_rows(r, prev, int(i)), _slice_rows(new, k, k + 1)]
+        prev = int(i) + 1
+    parts.append(_slice_rows(r, prev, r.lengths.size))
+    return _Ragged.concat(parts)
+
+
 class _TextWork:
     """Plain text (+ EOS), special tokens added as the tokenizer's ``__call__`` adds them."""
 
-    def __init__(self, enc: _Encoder, texts: list[str]):
+    def __init__(self, enc: _Encoder, texts: list[str], cut: int | None = None):
         self.texts_, self.rows = texts, len(texts)
+        self.cutter = _Cutter(enc, cut, True) if cut else None
+        self.redo = False
 
     def texts(self, lo, hi):
-        return [(self.texts_[lo:hi], True, False)], None
+        texts = self.texts_[lo:hi]
+        if self.cutter is None:
+            return [(texts, True, False)], (lo, texts, None)
+        cut_texts, cut = self.cutter.cut(texts)
+        return [(cut_texts, True, False)], (lo, texts, cut)
 
     def finish(self, ctx, encodings):
-        return _Encoder.ragged(encodings[0]), {}
+        lo, texts, cut = ctx
+        ids = _Encoder.ragged(encodings[0])
+        if cut is not None:
+            if lo == 0 and not self.cutter.check(ids, texts, cut):
+                self.cutter, self.redo = None, True
+            ids = self.cutter.mend(ids, texts, cut) if self.cutter else ids
+        return ids, {}
 
 
 class _MessagesWork:
     """Whole conversations; with assistant-only loss, the tokens overlapping the template's generation spans."""
 
-    def __init__(self, enc: _Encoder, convs: list, template: str, assistant_only: bool, name: str):
+    def __init__(self, enc: _Encoder, convs: list, template: str, assistant_only: bool, name: str,
+                 cut: int | None = None):
         self.enc, self.convs, self.template, self.spans, self.name = enc, convs, template, assistant_only, name
         self.rows = len(convs)
+        self.cutter = _Cutter(enc, cut, False) if cut and not assistant_only else None
+        self.redo = False
 
     def texts(self, lo, hi):
         texts, spans = _render(self.enc.tokenizer, self.convs[lo:hi], self.template, spans=self.spans)
-        return [(texts, False, self.spans)], (lo, spans)
+        if self.cutter is None:
+            return [(texts, False, self.spans)], (lo, spans, texts, None)
+        cut_texts, cut = self.cutter.cut(texts)
+        return [(cut_texts, False, False)], (lo, spans, texts, cut)
 
     def finish(self, ctx, encodings):
+        lo, spans, texts, cut = ctx
         ids = _Encoder.ragged(encodings[0])
+        if cut is not None:
+            if lo == 0 and not self.cutter.check(ids, texts, cut):
+                self.cutter, self.redo = None, True
+            return (self.cutter.mend(ids, texts, cut) if self.cutter else ids), {}
         if not self.spans:
             return ids, {}
-        mask = _span_mask(encodings[0], ctx[1], ids)
-        _require_assistant_tokens(mask, ids, self.name, ctx[0])
+        mask = _span_mask(encodings[0], spans, ids)
+        _require_assistant_tokens(mask, ids, self.name, lo)
         return ids, {"assistant": mask}
 
 
@@ -437,10 +548,11 @@ class _ChatPairsWork:
     texts on the first rows, and every row is tokenized whole if the check fails."""
 
     def __init__(self, enc: _Encoder, prompts: list, completions: list, template: str, assistant_only: bool,
-                 name: str):
+                 name: str, cut: int | None = None):
         self.enc, self.template, self.assistant_only, self.name = enc, template, assistant_only, name
         self.prompts, self.completions, self.rows = prompts, completions, len(prompts)
         self.cands = None if assistant_only else _split_candidates(enc, template)
+        self.cutter = _Cutter(enc, cut, False) if cut and self.cands else None
         self.redo = False
 
     def texts(self, lo, hi):
@@ -452,27 +564,35 @@ class _ChatPairsWork:
             return [(f_texts, False, True), (p_texts, False, False)], (lo, spans, None)
         if self.cands:
             points = [_split_point(p, f, self.cands) for p, f in zip(p_texts, f_texts)]
+            f_tails = [f[b:] for f, b in zip(f_texts, points)]
+            cut = None
+            if self.cutter is not None:
+                cut_tails, cut = self.cutter.cut(f_tails, points)
             parts = [f[:b] for f, b in zip(f_texts, points)] + [p[b:] for p, b in zip(p_texts, points)] + \
-                [f[b:] for f, b in zip(f_texts, points)]
+                (cut_tails if cut is not None else f_tails)
             requests = [(parts, False, False)]
             if lo == 0:  # the check: the first rows whole
                 requests += [(f_texts[:CHECK_ROWS], False, False), (p_texts[:CHECK_ROWS], False, False)]
-            return requests, (lo, None, hi - lo)
-        return [(f_texts, False, False), (p_texts, False, False)], (lo, None, None)
+            return requests, (lo, None, hi - lo, f_tails, cut)
+        return [(f_texts, False, False), (p_texts, False, False)], (lo, None, None, None, None)
 
     def finish(self, ctx, encodings):
-        lo, spans, split_rows = ctx
+        lo, spans, split_rows, f_tails, cut = ctx
         if split_rows is not None:
             parts = _Encoder.ragged(encodings[0])
             head, p_tail, f_tail = (_slice_rows(parts, i * split_rows, (i + 1) * split_rows) for i in range(3))
+            if cut is not None and self.cutter is not None:
+                f_tail = self.cutter.mend(f_tail, f_tails, cut, before=head.lengths)
             full, prompt = _concat_rows(head, f_tail), _concat_rows(head, p_tail)
             if lo == 0:
                 k = min(split_rows, CHECK_ROWS)
                 whole, whole_p = _Encoder.ragged(encodings[1]), _Encoder.ragged(encodings[2])
-                if not (_same_rows(whole, _slice_rows(full, 0, k)) and _same_rows(whole_p, _slice_rows(prompt, 0, k))):
-                    log.info("this tokenizer does not tokenize chat text split at special tokens as a whole; "
-                             "tokenizing prompts and completions whole")
-                    self.cands, self.redo = None, True
+                cut_k = cut[:k] if cut is not None else np.zeros(k, bool)
+                if not (_leading_rows(whole, _slice_rows(full, 0, k), cut_k)
+                        and _same_rows(whole_p, _slice_rows(prompt, 0, k))):
+                    log.info("this tokenizer does not tokenize chat text split at special tokens (or cut at a word "
+                             "boundary) as a whole; tokenizing prompts and completions whole")
+                    self.cands, self.cutter, self.redo = None, None, True
             return full, {"completion": _completion_mask(full, head.lengths + _common_prefix(p_tail, f_tail))}
         full, prompt = _Encoder.ragged(encodings[0]), _Encoder.ragged(encodings[1])
         masks = {"completion": _completion_mask(full, _common_prefix(prompt, full))}
@@ -584,14 +704,31 @@ def _same_rows(a: _Ragged, b: _Ragged) -> bool:
     return np.array_equal(a.lengths, b.lengths) and np.array_equal(a.values, b.values)
 
 
+def _leading_rows(whole: _Ragged, got: _Ragged, cut) -> bool:
+    """Each row of got is the same row of whole: all of it, or its leading part where the text was cut."""
+    if whole.lengths.size != got.lengths.size or np.any(got.lengths > whole.lengths):
+        return False
+    if np.any((got.lengths != whole.lengths) & ~cut):
+        return False
+    return all(np.array_equal(whole.row(i)[:int(got.lengths[i])], got.row(i)) for i in range(got.lengths.size))
+
+
 # ------------------------------------------------------------------ truncation, filter, Arrow
 
 def _truncate(values, labels, lengths, max_length: int, mode: str):
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    new = np.minimum(lengths, max_length)
-    first = starts if mode == "keep_start" else starts + lengths - new
-    idx = np.repeat(first - np.concatenate([[0], np.cumsum(new)[:-1]]), new) + np.arange(int(new.sum()))
-    return values[idx], labels[idx], new
+    """Each row to its first (keep_start) or last (keep_end) max_length tokens."""
+    long_rows = np.flatnonzero(lengths > max_length)
+    if not long_rows.size:
+        return values, labels, lengths
+    ends = np.cumsum(lengths)
+    keep = np.ones(values.size, dtype=bool)
+    for i in long_rows:  # the few long rows: drop their excess in place
+        start, end = int(ends[i] - lengths[i]), int(ends[i])
+        if mode == "keep_start":
+            keep[start + max_length:end] = False
+        else:
+            keep[start:end - max_length] = False
+    return values[keep], labels[keep], np.minimum(lengths, max_length)
 
 
 def _drop_unlabelled(values, labels, lengths):

@@ -27,6 +27,13 @@ def awkward_messages() -> list[dict]:
     rows.append({"messages": [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
                               {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"},
                               {"role": "assistant", "content": "\nYes, again."}]})
+    # long answers: cut before tokenizing where max_length drops their end (and mended where cut too short)
+    long_text = " ".join(f"Sentence {i} says something about rivers, and cities; then more words follow."
+                         for i in range(60))
+    rows += [{"messages": [{"role": "user", "content": "Tell me a long story."},
+                           {"role": "assistant", "content": long_text}]},
+             {"messages": [{"role": "user", "content": long_text[:700]},
+                           {"role": "assistant", "content": "x" * 900 + " " + long_text}]}]
     return rows + messages_rows(1)
 
 
@@ -239,3 +246,54 @@ def test_a_template_marking_no_assistant_tokens_names_the_row(tok, tmp_path):
     with pytest.raises(DatasetInvalid, match="row 0 has no assistant tokens"):
         dataprep.prepare_for_training(data, t, sft_args(tmp_path, assistant_only_loss=True),
                                       loss_mask="assistant_only")
+
+
+@pytest.mark.parametrize("chars_per_token", [5, 1])
+def test_long_texts_cut_before_tokenizing_give_trls_rows(chatml_tok, tok, tiny_phi3, tmp_path, monkeypatch,
+                                                         chars_per_token):
+    """Texts whose end max_length drops are cut at a word boundary first; rows cut too short (1 character per
+    token) are tokenized whole again. Either way the rows are TRL's."""
+    monkeypatch.setattr(dataprep, "CUT_CHARS_PER_TOKEN", chars_per_token)
+    cut_rows = []
+    real_cut = dataprep._Cutter.cut
+
+    def spy(self, texts, before=None):
+        out, cut = real_cut(self, texts, before)
+        cut_rows.append(int(cut.sum()))
+        return out, cut
+
+    monkeypatch.setattr(dataprep._Cutter, "cut", spy)
+    assert dataprep._Encoder(chatml_tok).prefix_cut_ok()
+    data = splits(tmp_path, "chat", awkward_messages())
+    same_as_trl(data, chatml_tok, sft_args(tmp_path, completion_only_loss=True, max_length=80), tiny_phi3,
+                "completion_only")
+    same_as_trl(data, chatml_tok, sft_args(tmp_path, completion_only_loss=True, max_length=80, packing=True),
+                tiny_phi3, "completion_only")
+    ours = dataprep.prepare_for_training(data, tok, sft_args(tmp_path, max_length=60), loss_mask="all_tokens")
+    want, _ = trl_prepared_plain(data, tok, sft_args(tmp_path, max_length=60), tiny_phi3)
+    assert rows(ours.train) == rows(want)
+    assert sum(cut_rows) >= 3
+    # keep_end needs the end: nothing is cut
+    cut_rows.clear()
+    same_as_trl(data, chatml_tok, sft_args(tmp_path, completion_only_loss=True, max_length=80,
+                                           truncation_mode="keep_end"), tiny_phi3, "completion_only")
+    assert sum(cut_rows) == 0
+
+
+def test_a_cut_that_changes_tokens_falls_back_to_whole_texts(tok, tiny_phi3, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(dataprep, "_cut_point", lambda text, limit: limit - 3)  # inside a word
+    data = splits(tmp_path, "chat", awkward_messages())
+    with caplog.at_level("INFO", logger="kaito_tuning.tuner.dataprep"):
+        ours = dataprep.prepare_for_training(data, tok, sft_args(tmp_path, max_length=60), loss_mask="all_tokens")
+    want, _ = trl_prepared_plain(data, tok, sft_args(tmp_path, max_length=60), tiny_phi3)
+    assert rows(ours.train) == rows(want)
+    assert "tokenizing whole texts" in caplog.text
+
+
+def test_cut_points_sit_between_a_letter_and_a_space_letter():
+    text = "alpha beta, gamma 12 delta\\nepsilon zeta"
+    for limit in range(1, len(text)):
+        p = dataprep._cut_point(text, limit)
+        assert p == len(text) or (p <= limit and text[p - 1].isalpha() and text[p] == " " and text[p + 1].isalpha())
+    assert dataprep._cut_point(text, 36) == text.index(" zeta") and dataprep._cut_point(text, 35) == text.index(" beta")
+    assert dataprep._cut_point("x" * 50, 20) == 50  # no boundary: no cut
