@@ -418,6 +418,7 @@ class _Cutter:
         self.enc, self.add_special_tokens = enc, add_special_tokens
         self.need = max_length + (enc.backend.num_special_tokens_to_add(False) if add_special_tokens else 0)
         self.limit = max_length * CUT_CHARS_PER_TOKEN
+        self.checked = False
 
     def cut(self, texts: list[str], before: list[int] | None = None) -> tuple[list[str], Any]:
         """(texts cut, which were); ``before``: characters ahead of each text in its row (they count too)."""
@@ -433,8 +434,12 @@ class _Cutter:
         return ids
 
     def check(self, ids: _Ragged, texts: list[str], cut) -> bool:
-        """The first cut rows' tokens are the leading tokens of their whole texts."""
+        """The first cut rows' tokens are the leading tokens of their whole texts (checked once: on the first
+        chunk with cut rows, chunks being finished in order)."""
         rows = np.flatnonzero(cut)[:CHECK_ROWS]
+        if self.checked or not rows.size:
+            return True
+        self.checked = True
         whole = self.enc.encode([texts[i] for i in rows], self.add_special_tokens)
         specials_at_end = self.enc.backend.num_special_tokens_to_add(False) if self.add_special_tokens else 0
         for k, i in enumerate(rows):
@@ -488,7 +493,7 @@ class _TextWork:
         lo, texts, cut = ctx
         ids = _Encoder.ragged(encodings[0])
         if cut is not None:
-            if lo == 0 and not self.cutter.check(ids, texts, cut):
+            if not self.cutter.check(ids, texts, cut):
                 self.cutter, self.redo = None, True
             ids = self.cutter.mend(ids, texts, cut) if self.cutter else ids
         return ids, {}
@@ -515,7 +520,7 @@ class _MessagesWork:
         lo, spans, texts, cut = ctx
         ids = _Encoder.ragged(encodings[0])
         if cut is not None:
-            if lo == 0 and not self.cutter.check(ids, texts, cut):
+            if not self.cutter.check(ids, texts, cut):
                 self.cutter, self.redo = None, True
             return (self.cutter.mend(ids, texts, cut) if self.cutter else ids), {}
         if not self.spans:
@@ -582,7 +587,10 @@ class _ChatPairsWork:
             parts = _Encoder.ragged(encodings[0])
             head, p_tail, f_tail = (_slice_rows(parts, i * split_rows, (i + 1) * split_rows) for i in range(3))
             if cut is not None and self.cutter is not None:
-                f_tail = self.cutter.mend(f_tail, f_tails, cut, before=head.lengths)
+                if not self.cutter.check(f_tail, f_tails, cut):
+                    self.cands, self.cutter, self.redo = None, None, True
+                else:
+                    f_tail = self.cutter.mend(f_tail, f_tails, cut, before=head.lengths)
             full, prompt = _concat_rows(head, f_tail), _concat_rows(head, p_tail)
             if lo == 0:
                 k = min(split_rows, CHECK_ROWS)
