@@ -51,6 +51,16 @@ def make_fake_adapter(directory: Path, *, rank: int = 8, seed: int = 0, metadata
     return directory
 
 
+def assert_fake_adapter_annotations(notes: dict) -> None:
+    """The annotations ``make_fake_adapter``'s metadata must give (the manifest's, or layers.adapter_annotations)."""
+    assert notes["sh.kaito.model.name"] == notes["kaito.sh/preset"] == "smollm2-135m-instruct"
+    assert notes["kaito.sh/base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert notes["kaito.sh/method"] == "qlora" and notes["kaito.sh/lora-rank"] == "8"
+    assert notes["kaito.sh/dataset-digests"] == "sha256:" + "ab" * 32
+    assert notes["org.opencontainers.image.created"] == "2026-01-02T03:04:05Z"
+    assert notes["org.opencontainers.image.title"] == "QLoRA adapter for smollm2-135m-instruct"
+
+
 @pytest.fixture(scope="session")
 def registry():
     """A running docker-registry with htpasswd auth (user tester); skipped if not installed."""

@@ -9,7 +9,7 @@ import os
 import tarfile
 
 import pytest
-from fixtures_registry import make_fake_adapter
+from fixtures_registry import assert_fake_adapter_annotations, make_fake_adapter
 
 from kaito_tuning.artifacts import layers, push_adapter
 from kaito_tuning.artifacts.errors import AdapterIncomplete
@@ -68,12 +68,7 @@ def test_config_and_manifest_are_a_canonical_image_not_an_artifact():
 
 def test_annotations_come_from_the_adapter_and_its_metadata(fake_adapter):
     notes = layers.adapter_annotations(fake_adapter)
-    assert notes["sh.kaito.model.name"] == notes["kaito.sh/preset"] == "smollm2-135m-instruct"
-    assert notes["kaito.sh/base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert notes["kaito.sh/method"] == "qlora" and notes["kaito.sh/lora-rank"] == "8"
-    assert notes["kaito.sh/dataset-digests"] == "sha256:" + "ab" * 32
-    assert notes["org.opencontainers.image.created"] == "2026-01-02T03:04:05Z"
-    assert notes["org.opencontainers.image.title"] == "QLoRA adapter for smollm2-135m-instruct"
+    assert_fake_adapter_annotations(notes)
 
     (fake_adapter / "training_metadata.json").write_text(json.dumps({
         "preset_name": "phi-3", "method": "lora", "dataset_digests": {"a": "sha256:1", "b": "sha256:2"}}))

@@ -12,7 +12,14 @@ import tarfile
 
 import pytest
 import requests
-from fixtures_registry import REGISTRY_PASSWORD, REGISTRY_USER, make_fake_adapter, push_image, tar_layer
+from fixtures_registry import (
+    REGISTRY_PASSWORD,
+    REGISTRY_USER,
+    assert_fake_adapter_annotations,
+    make_fake_adapter,
+    push_image,
+    tar_layer,
+)
 
 from kaito_tuning.artifacts import PullResult, PushResult, layers, pull_adapter, pull_data, push_adapter
 from kaito_tuning.artifacts.errors import (
@@ -54,12 +61,7 @@ def test_skopeo_reads_the_pushed_image_and_its_layer_holds_data_adapter(fake_ada
     assert manifest["mediaType"] == layers.MEDIA_MANIFEST and "artifactType" not in manifest
     assert [layer["mediaType"] for layer in manifest["layers"]] == [layers.MEDIA_LAYER]
     notes = manifest["annotations"]
-    assert notes["sh.kaito.model.name"] == notes["kaito.sh/preset"] == "smollm2-135m-instruct"
-    assert notes["kaito.sh/base-model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert notes["kaito.sh/method"] == "qlora" and notes["kaito.sh/lora-rank"] == "8"
-    assert notes["kaito.sh/dataset-digests"] == "sha256:" + "ab" * 32
-    assert notes["org.opencontainers.image.created"] == "2026-01-02T03:04:05Z"
-    assert notes["org.opencontainers.image.title"] == "QLoRA adapter for smollm2-135m-instruct"
+    assert_fake_adapter_annotations(notes)
 
     config = json.loads(_skopeo("inspect", "--config", "--raw", ref, auth_file=registry.auth_file).stdout)
     assert (config["os"], config["architecture"], config["rootfs"]["type"]) == ("linux", "amd64", "layers")
