@@ -131,7 +131,7 @@ def _none(p):
 #: name -> (module, help, add_arguments)
 COMMANDS = {
     "validate": ("kaito_tuning.spec.check", "check Workspace and ConfigMap YAML files", _validate),
-    "render": ("kaito_tuning.controller.manifests", "print the manifests the operator would create for a workspace", _render),
+    "render": ("kaito_tuning.controller.render", "print the manifests the operator would create for a workspace", _render),
     "run": ("kaito_tuning.tuner.cli", "run a tuning workspace on this machine: download, train, push", _run),
     "job": ("kaito_tuning.tuner.cli", "one step of the tuning Job (inside the tuner container)", _job),
     "push": ("kaito_tuning.artifacts.cli", "push an adapter directory as an OCI image", _push),

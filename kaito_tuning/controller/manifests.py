@@ -5,7 +5,7 @@ containers, each step exits, user errors are not retried) -- an Indexed Job with
 Service when it spans several nodes (``resource.count``) -- plus the Secret holding the workspace
 the steps read, the method's default ConfigMap when the workspace names none, a Karpenter NodeClaim
 per node when auto-provisioning is on, and a PVC for checkpoints when checkpoint storage is on. An inference workspace becomes a Deployment and a
-Service. ``kaito-tuning render FILE`` prints them.
+Service (``inference.py``). ``kaito-tuning render FILE`` prints them (``render.py``).
 
 Owner references are not set here: the controller adds them with ``kopf.adopt``.
 """
@@ -15,12 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
-
-import yaml
 
 from kaito_tuning.contract import (
-    ADAPTER_DIR,
     ANNOTATION_REVISION,
     ANNOTATION_SPEC_HASH,
     CONFIG_DIR,
@@ -38,21 +34,18 @@ from kaito_tuning.contract import (
     PULL_SECRETS_DIR,
     PUSH_AUTH_FILE,
     PUSH_SECRET_DIR,
-    SERVER_PORT,
 )
 from kaito_tuning.controller.settings import Settings
-from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR, UserError
+from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 from kaito_tuning.spec import memory
 from kaito_tuning.spec.instances import get_instance_type
 from kaito_tuning.spec.memory import Parallelism
 from kaito_tuning.spec.presets import get_preset
-from kaito_tuning.spec.rules import load_workspace
 from kaito_tuning.spec.training_config import (
     CONFIG_KEY,
     TuningConfig,
     configmap_manifest,
     default_configmap_name,
-    load_config,
 )
 from kaito_tuning.spec.workspace import Workspace
 
@@ -487,142 +480,3 @@ def nodeclaim(ws: Workspace, index: int = 0) -> dict:
             "nodeClassRef": {"group": "karpenter.azure.com", "kind": "AKSNodeClass", "name": "default"},
         },
     }
-
-
-# ------------------------------------------------------------------ inference
-
-def adapter_path(name: str) -> str:
-    return f"{ADAPTER_DIR}/{name}"
-
-
-def inference_deployment(ws: Workspace, settings: Settings) -> dict:
-    """The server Deployment: image adapters pulled by init containers, volume adapters mounted."""
-    inf = ws.inference
-    image = settings.tuner_image
-    labels = workspace_labels(ws)
-    volumes = [*_common_volumes(ws.inference.preset.name if ws.inference.preset else None)]
-    init_containers = []
-    server_mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "hf-cache", "mountPath": HF_CACHE_DIR},
-                     _TMP_MOUNT]
-    args = ["serve", "--preset", inf.preset.name]
-    for a in inf.adapters:
-        src = a.source
-        vol = f"adapter-{src.name}"
-        path = adapter_path(src.name)
-        args += ["--adapter", f"{path}={a.strength or '1.0'}"]
-        if src.volume_source:
-            volumes.append({"name": vol, **src.volume_source})
-        else:
-            volumes.append({"name": vol, "emptyDir": {"sizeLimit": SIZE_ADAPTER}})
-            pull_args = ["pull", src.image, path]
-            mounts = [{"name": vol, "mountPath": path}, _TMP_MOUNT]
-            if src.image_pull_secrets:
-                # every secret as <secret>.json in one folder; `pull --auth-file FOLDER` merges them
-                secret_vol = f"pull-{src.name}"
-                volumes.append(_docker_config_volume(secret_vol, src.image_pull_secrets))
-                mounts.append({"name": secret_vol, "mountPath": PULL_SECRETS_DIR, "readOnly": True})
-                pull_args += ["--auth-file", PULL_SECRETS_DIR]
-            init_containers.append(_container(f"pull-{src.name}", image, pull_args, list(_COMMON_ENV), mounts))
-        server_mounts.append({"name": vol, "mountPath": path, "readOnly": True})
-    args += ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]
-    server = _container("server", image, args, [*_COMMON_ENV, *_model_env(ws, inf.preset)], server_mounts,
-                        resources=_gpu_resources(ws, cpu="2", memory="8Gi"))
-    server["ports"] = [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}]
-    server["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
-                                "failureThreshold": 3}
-    server["startupProbe"] = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,
-                              "failureThreshold": 180}
-    replicas = ws.resource.count if ws.resource and ws.resource.count else 1
-    return _fresh({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": ws.name, "namespace": ws.namespace, "labels": labels,
-                     "annotations": {ANNOTATION_SPEC_HASH: spec_hash(ws)}},
-        "spec": {
-            "replicas": replicas,
-            "selector": {"matchLabels": {LABEL_WORKSPACE: ws.name}},
-            "strategy": {"type": "Recreate"},  # GPUs are scarce: do not run old and new side by side
-            "template": {
-                "metadata": {"labels": labels, "annotations": {ANNOTATION_SPEC_HASH: spec_hash(ws)}},
-                "spec": _gpu_pod_spec(ws, init_containers, [server], volumes),
-            },
-        },
-    })
-
-
-def inference_service(ws: Workspace) -> dict:
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": ws.name, "namespace": ws.namespace, "labels": workspace_labels(ws)},
-        "spec": {"type": "ClusterIP", "selector": {LABEL_WORKSPACE: ws.name},
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]},
-    }
-
-
-# ------------------------------------------------------------------ everything for one workspace
-
-def render(ws: Workspace, settings: Settings, config: TuningConfig | None = None, *, revision: int = 1) -> list[dict]:
-    """Every object the operator creates for ``ws`` (``config``: the parsed ConfigMap; default: the method's)."""
-    if ws.inference is not None:
-        return [inference_deployment(ws, settings), inference_service(ws)]
-    objs = []
-    if settings.node_auto_provisioning:
-        objs += [nodeclaim(ws, i) for i in range(node_count(ws))]
-    if (cm := default_configmap(ws)):
-        objs.append(cm)
-    if (pvc := checkpoint_pvc(ws, settings)):
-        objs.append(pvc)
-    objs.append(workspace_secret(ws))
-    if (svc := workers_service(ws)):
-        objs.append(svc)
-    if (policy := egress_policy(ws, settings)):
-        objs.append(policy)
-    cfg = config or load_config(None, ws.tuning.method)
-    objs.append(tuning_job(ws, settings, cfg, revision=revision))
-    return objs
-
-
-class _BlockDumper(yaml.SafeDumper):
-    """Multi-line strings (the ConfigMap's training_config.yaml) as literal blocks."""
-
-
-_BlockDumper.add_representer(
-    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
-
-
-def cli_render(args) -> int:
-    """``kaito-tuning render FILE``: the manifests as multi-document YAML on stdout."""
-    from dataclasses import replace
-
-    from kaito_tuning.controller.settings import from_env
-    from kaito_tuning.spec.files import load_documents, split_documents
-
-    docs = load_documents(args.file)
-    workspaces, configmaps, _ = split_documents(docs)
-    if not workspaces:
-        raise UserError("holds no Workspace", field=args.file, reason="InvalidFile")
-    settings = from_env()
-    if args.tuner_image:
-        settings = replace(settings, tuner_image=args.tuner_image)
-    out = []
-    for obj in workspaces:
-        obj = json.loads(json.dumps(obj))
-        meta = obj.setdefault("metadata", {})
-        if args.namespace:
-            meta["namespace"] = args.namespace
-        meta.setdefault("namespace", "default")
-        ws = load_workspace(obj)
-        config = None
-        if ws.tuning and ws.tuning.config:
-            cm = configmaps.get(ws.tuning.config)
-            if cm is None:
-                print(f"# ConfigMap {ws.tuning.config!r} is not in {args.file}; the Job mounts it by name and "
-                      "the default settings are assumed for the output directory", file=sys.stderr)
-            else:
-                text = (cm.get("data") or {}).get(CONFIG_KEY)
-                config = load_config(text, ws.tuning.method, source=f"ConfigMap {ws.tuning.config}")
-        out += render(ws, settings, config)
-    sys.stdout.write(yaml.dump_all(out, Dumper=_BlockDumper, sort_keys=False, width=120))
-    return 0
-

@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kaito_tuning.contract import ANNOTATION_REVISION, ANNOTATION_SPEC_HASH, LABEL_WORKSPACE
 from kaito_tuning.controller import decisions as d
-from kaito_tuning.controller import logs
+from kaito_tuning.controller import inference, logs
 from kaito_tuning.controller import manifests as m
 from kaito_tuning.controller import status as st
 from kaito_tuning.controller.seen import SeenObjects
@@ -423,7 +423,7 @@ class Reconciler:
                 blocker = blocker or self._check_secret(ns, f"inference.adapters[{i}].source.imagePullSecrets[{j}]", s)
         deployment = None
         if blocker is None:
-            want = m.inference_deployment(ws, self.settings)
+            want = inference.inference_deployment(ws, self.settings)
             kopf.adopt(want, owner=obj)
             try:
                 current = _json(self.apps.read_namespaced_deployment, name, ns)
@@ -443,7 +443,7 @@ class Reconciler:
                                                       _content_type="application/merge-patch+json")
                 logs.decision(key, "update-deployment", f"the spec changed: updated deployment {name}")
             if blocker is None:
-                svc = m.inference_service(ws)
+                svc = inference.inference_service(ws)
                 kopf.adopt(svc, owner=obj)
                 self._create_ignoring_conflict(lambda: self.core.create_namespaced_service(ns, svc))
                 deployment = _json(self.apps.read_namespaced_deployment, name, ns)

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from kaito_tuning import cli
-from kaito_tuning.controller import manifests
+from kaito_tuning.controller import inference, manifests, render
 from kaito_tuning.controller.settings import Settings
 from kaito_tuning.spec.files import load_documents, split_documents
 from kaito_tuning.spec.rules import load_workspace
@@ -36,7 +36,7 @@ def workspace(path: str, namespace: str = "team-a"):
                                                            node_auto_provisioning=True)])
 def test_every_manifest_is_valid(path, settings):
     ws, cfg = workspace(path)
-    objs = manifests.render(ws, settings, cfg)
+    objs = render.render(ws, settings, cfg)
     assert objs
     for obj in objs:
         if obj["kind"] == "NodeClaim":  # a CRD: no schema in kubernetes-validate
@@ -138,7 +138,7 @@ def test_spec_change_changes_the_hash():
 
 def test_inference_deployment_pulls_adapters_and_serves():
     ws, _ = workspace("examples/inference/kaito_workspace_phi_3_with_adapters.yaml")
-    dep = manifests.inference_deployment(ws, Settings(tuner_image="t:1"))
+    dep = inference.inference_deployment(ws, Settings(tuner_image="t:1"))
     pod = dep["spec"]["template"]["spec"]
     init = pod["initContainers"][0]
     assert init["args"] == ["pull", "myregistry.azurecr.io/adapters/phi-3-dolly:0.0.1", "/mnt/adapter/dolly",
@@ -148,7 +148,7 @@ def test_inference_deployment_pulls_adapters_and_serves():
                               "--host", "0.0.0.0", "--port", "5000"]
     assert server["readinessProbe"]["httpGet"]["path"] == "/health"
     assert all(m["name"] != "pull-dolly" for m in server["volumeMounts"])  # pull secret only in the puller
-    svc = manifests.inference_service(ws)
+    svc = inference.inference_service(ws)
     assert svc["spec"]["ports"][0]["port"] == 80
 
 
@@ -209,7 +209,7 @@ def test_one_training_process_per_gpu(instance_type, gpus):
 def test_two_nodes_render_an_indexed_job_and_a_headless_service():
     ws = _tuning_ws("Standard_NC96ads_A100_v4", count=2, name="phi-gang")
     settings = Settings(node_auto_provisioning=True, job_backoff_limit=2)
-    objs = manifests.render(ws, settings)
+    objs = render.render(ws, settings)
     for obj in objs:
         if obj["kind"] != "NodeClaim":
             for version in K8S_VERSIONS:
@@ -256,7 +256,7 @@ def test_two_nodes_render_an_indexed_job_and_a_headless_service():
 
 def test_two_nodes_with_checkpoint_storage_share_one_rwx_volume_in_per_node_directories():
     ws = _tuning_ws("Standard_NC24ads_A100_v4", count=2)
-    objs = manifests.render(ws, Settings(checkpoint_storage=True))
+    objs = render.render(ws, Settings(checkpoint_storage=True))
     pvc = next(o for o in objs if o["kind"] == "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
     job = next(o for o in objs if o["kind"] == "Job")
@@ -341,7 +341,7 @@ def test_tuning_pods_get_an_egress_policy_without_private_ranges():
 
 @pytest.mark.parametrize("path", sorted(glob.glob("examples/**/*.yaml", recursive=True)))
 def test_every_scratch_volume_has_a_size_limit(path):
-    from kaito_tuning.controller.manifests import render
+    from kaito_tuning.controller.render import render
     from kaito_tuning.controller.settings import Settings
     from kaito_tuning.spec.rules import load_workspace
 
