@@ -5,7 +5,7 @@ import pytest
 from fixtures_data import messages_rows, write_parquet
 
 from kaito_tuning.spec.training_config import DatasetConfig
-from kaito_tuning.tuner import dataprep
+from kaito_tuning.tuner import dataprep, encoding
 from kaito_tuning.tuner.formats import prepare
 from kaito_tuning.tuner.inputs import collect_dir
 
@@ -122,16 +122,16 @@ def test_messages_last_turn_as_completion_same_as_trl(chatml_tok, tiny_phi3, tmp
 
 def test_split_tokenization_matches_whole_texts(chatml_tok):
     """The shared text before the generation prompt's special token is tokenized once: the same tokens."""
-    enc = dataprep._Encoder(chatml_tok)
+    enc = encoding.Encoder(chatml_tok)
     prompts, completions = dataprep._last_turn_split([r["messages"] for r in awkward_messages()])
-    p_texts, _ = dataprep._render(chatml_tok, prompts, CHATML, add_generation_prompt=True)
-    f_texts, _ = dataprep._render(chatml_tok, [p + c for p, c in zip(prompts, completions)], CHATML)
+    p_texts, _ = encoding._render(chatml_tok, prompts, CHATML, add_generation_prompt=True)
+    f_texts, _ = encoding._render(chatml_tok, [p + c for p, c in zip(prompts, completions)], CHATML)
     assert p_texts == chatml_tok.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
-    cands = dataprep._split_candidates(enc, CHATML)
+    cands = encoding._split_candidates(enc, CHATML)
     assert cands == ["<|im_start|>", "<|im_end|>"]
-    assert all(p[dataprep._split_point(p, f, cands):] == "<|im_start|>assistant\n" for p, f in zip(p_texts, f_texts))
-    work = dataprep._ChatPairsWork(enc, prompts, completions, CHATML, False, "train")
-    full, masks = dataprep._run(work, enc)
+    assert all(p[encoding._split_point(p, f, cands):] == "<|im_start|>assistant\n" for p, f in zip(p_texts, f_texts))
+    work = encoding.ChatPairsWork(enc, prompts, completions, CHATML, False, "train")
+    full, masks = encoding.run_work(work, enc)
     for i, (p, f) in enumerate(zip(p_texts, f_texts)):
         whole = chatml_tok(f, add_special_tokens=False)["input_ids"]
         pids = chatml_tok(p, add_special_tokens=False)["input_ids"]
@@ -145,9 +145,9 @@ def test_a_split_that_changes_tokens_falls_back_to_whole_texts(chatml_tok, tiny_
                                                                 caplog):
     """The check on the first rows catches a cut that tokenizes differently: every row is then tokenized whole."""
     # a cut inside a word ("hel|pful" of the system prompt): the pieces tokenize differently from the whole word
-    monkeypatch.setattr(dataprep, "_split_point", lambda p, f, cands: p.find("helpful") + 3 if "helpful" in p else 0)
+    monkeypatch.setattr(encoding, "_split_point", lambda p, f, cands: p.find("helpful") + 3 if "helpful" in p else 0)
     data = splits(tmp_path, "chat", awkward_messages())
-    with caplog.at_level("INFO", logger="kaito_tuning.tuner.dataprep"):
+    with caplog.at_level("INFO", logger="kaito_tuning.tuner"):
         same_as_trl(data, chatml_tok, sft_args(tmp_path, completion_only_loss=True), tiny_phi3, "completion_only")
     assert "tokenizing prompts and completions whole" in caplog.text
 
@@ -156,9 +156,9 @@ def test_chunks_give_the_same_rows(chatml_tok, tok, tmp_path, monkeypatch):
     data = splits(tmp_path, "chat", awkward_messages())
     for t, mask, kw in ((chatml_tok, "completion_only", {"completion_only_loss": True}),
                         (tok, "assistant_only", {"assistant_only_loss": True})):
-        monkeypatch.setattr(dataprep, "CHUNK", 1024)
+        monkeypatch.setattr(encoding, "CHUNK", 1024)
         whole = dataprep.prepare_for_training(data, t, sft_args(tmp_path, **kw), loss_mask=mask)
-        monkeypatch.setattr(dataprep, "CHUNK", 3)
+        monkeypatch.setattr(encoding, "CHUNK", 3)
         chunked = dataprep.prepare_for_training(data, t, sft_args(tmp_path, **kw), loss_mask=mask)
         assert rows(chunked.train) == rows(whole.train)
 
@@ -253,17 +253,17 @@ def test_long_texts_cut_before_tokenizing_give_trls_rows(chatml_tok, tok, tiny_p
                                                          chars_per_token):
     """Texts whose end max_length drops are cut at a word boundary first; rows cut too short (1 character per
     token) are tokenized whole again. Either way the rows are TRL's."""
-    monkeypatch.setattr(dataprep, "CUT_CHARS_PER_TOKEN", chars_per_token)
+    monkeypatch.setattr(encoding, "CUT_CHARS_PER_TOKEN", chars_per_token)
     cut_rows = []
-    real_cut = dataprep._Cutter.cut
+    real_cut = encoding._Cutter.cut
 
     def spy(self, texts, before=None):
         out, cut = real_cut(self, texts, before)
         cut_rows.append(int(cut.sum()))
         return out, cut
 
-    monkeypatch.setattr(dataprep._Cutter, "cut", spy)
-    assert dataprep._Encoder(chatml_tok).prefix_cut_ok()
+    monkeypatch.setattr(encoding._Cutter, "cut", spy)
+    assert encoding.Encoder(chatml_tok).prefix_cut_ok()
     data = splits(tmp_path, "chat", awkward_messages())
     same_as_trl(data, chatml_tok, sft_args(tmp_path, completion_only_loss=True, max_length=80), tiny_phi3,
                 "completion_only")
@@ -281,9 +281,9 @@ def test_long_texts_cut_before_tokenizing_give_trls_rows(chatml_tok, tok, tiny_p
 
 
 def test_a_cut_that_changes_tokens_falls_back_to_whole_texts(tok, tiny_phi3, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(dataprep, "_cut_point", lambda text, limit: limit - 3)  # inside a word
+    monkeypatch.setattr(encoding, "_cut_point", lambda text, limit: limit - 3)  # inside a word
     data = splits(tmp_path, "chat", awkward_messages())
-    with caplog.at_level("INFO", logger="kaito_tuning.tuner.dataprep"):
+    with caplog.at_level("INFO", logger="kaito_tuning.tuner"):
         ours = dataprep.prepare_for_training(data, tok, sft_args(tmp_path, max_length=60), loss_mask="all_tokens")
     want, _ = trl_prepared_plain(data, tok, sft_args(tmp_path, max_length=60), tiny_phi3)
     assert rows(ours.train) == rows(want)
@@ -293,7 +293,7 @@ def test_a_cut_that_changes_tokens_falls_back_to_whole_texts(tok, tiny_phi3, tmp
 def test_cut_points_sit_between_a_letter_and_a_space_letter():
     text = "alpha beta, gamma 12 delta\\nepsilon zeta"
     for limit in range(1, len(text)):
-        p = dataprep._cut_point(text, limit)
+        p = encoding._cut_point(text, limit)
         assert p == len(text) or (p <= limit and text[p - 1].isalpha() and text[p] == " " and text[p + 1].isalpha())
-    assert dataprep._cut_point(text, 36) == text.index(" zeta") and dataprep._cut_point(text, 35) == text.index(" beta")
-    assert dataprep._cut_point("x" * 50, 20) == 50  # no boundary: no cut
+    assert encoding._cut_point(text, 36) == text.index(" zeta") and encoding._cut_point(text, 35) == text.index(" beta")
+    assert encoding._cut_point("x" * 50, 20) == 50  # no boundary: no cut
