@@ -89,3 +89,10 @@ def in_data_dir(location: str) -> str | None:
     if location.startswith(DATA_DIR + "/"):
         return location[len(DATA_DIR) + 1:]
     return None
+
+
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to a true value (1, true, yes, on)."""
+    import os
+
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

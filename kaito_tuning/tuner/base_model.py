@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kaito_tuning.contract import ENV_CACHE_DIR
+from kaito_tuning.contract import ENV_CACHE_DIR, env_flag
 from kaito_tuning.errors import TransientError, UserError
 from kaito_tuning.spec.presets import Preset, UnknownPreset, get_preset
 
@@ -144,7 +144,7 @@ def offline_weights(p: Preset) -> Path | None:
 
 
 def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    return env_flag("HF_HUB_OFFLINE")
 
 
 #: where Kaito's preset images keep the weights (its ModelConfig default); here: the preset's own weights

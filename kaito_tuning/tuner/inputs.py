@@ -29,6 +29,7 @@ from kaito_tuning.contract import (
     ENV_MAX_DOWNLOAD_BYTES,
     MOUNT_ROOT,
     dataset_location,
+    env_flag,
     in_data_dir,
 )
 from kaito_tuning.errors import TransientError, UserError
@@ -161,10 +162,6 @@ def max_bytes_default() -> int:
     return int(env) if env else DEFAULT_MAX_BYTES
 
 
-def private_urls_allowed() -> bool:
-    return os.environ.get(ENV_ALLOW_PRIVATE_URLS, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def download_urls(urls: list[str], dest: str | Path, *, max_bytes: int | None = None,
                   attempts: int = retry.DEFAULT_ATTEMPTS, allow_private: bool | None = None,
                   connect_timeout_s: float = 10.0, read_timeout_s: float = 60.0,
@@ -180,7 +177,7 @@ def download_urls(urls: list[str], dest: str | Path, *, max_bytes: int | None = 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     cap = max_bytes_default() if max_bytes is None else max_bytes
-    allow = private_urls_allowed() if allow_private is None else allow_private
+    allow = env_flag(ENV_ALLOW_PRIVATE_URLS) if allow_private is None else allow_private
     files = []
     with _session(allow) as session:
         for i, (url, name) in enumerate(zip(urls, local_names(urls), strict=True)):

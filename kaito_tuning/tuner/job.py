@@ -36,10 +36,6 @@ def _path(env: str, default: str) -> Path:
     return Path(os.environ.get(env) or default)
 
 
-def _flag(env: str) -> bool:
-    return os.environ.get(env, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def workspace_from_env() -> Workspace:
     raw = os.environ.get(c.ENV_WORKSPACE)
     if not raw:
@@ -49,7 +45,7 @@ def workspace_from_env() -> Workspace:
     except ValueError as e:
         raise UserError(f"is not valid JSON ({e})", field=c.ENV_WORKSPACE) from None
     # a local multi-process run (``kaito-tuning run --nproc``) runs this step on the user's machine
-    ws = load_workspace(obj, local=_flag(c.ENV_LOCAL_RUN))
+    ws = load_workspace(obj, local=c.env_flag(c.ENV_LOCAL_RUN))
     if ws.tuning is None:
         raise UserError("the workspace has no tuning section", field=c.ENV_WORKSPACE)
     return ws
@@ -71,9 +67,9 @@ def plan_from_env() -> pipeline.Plan:
         model_dir=os.environ.get(c.ENV_MODEL_DIR) or None,
         pull_auth=pull_auth if pull_auth and Path(pull_auth).exists() else None,
         push_auth=push_auth if Path(push_auth).is_file() else None,
-        plain_http=_flag(c.ENV_PLAIN_HTTP),
-        allow_private_urls=_flag(c.ENV_ALLOW_PRIVATE_URLS),
-        prefetch_weights=_flag(c.ENV_PREFETCH_WEIGHTS),
+        plain_http=c.env_flag(c.ENV_PLAIN_HTTP),
+        allow_private_urls=c.env_flag(c.ENV_ALLOW_PRIVATE_URLS),
+        prefetch_weights=c.env_flag(c.ENV_PREFETCH_WEIGHTS),
         max_steps=int(os.environ[c.ENV_MAX_STEPS]) if os.environ.get(c.ENV_MAX_STEPS) else None,
     )
 

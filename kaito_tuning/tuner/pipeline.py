@@ -178,21 +178,13 @@ def train_step(plan: Plan, *, progress: Progress | None, show_progress: bool = F
     """Train the adapter into ``plan.output_dir``, unless a complete adapter of this very run is there."""
     from kaito_tuning.tuner.checkpoints import fingerprint
 
-    done = finished(plan)
-    if done:
-        log.info("%s already holds the adapter of this run (%s steps); not training again",
-                 plan.output_dir, done.get("steps"))
-        return TrainOutcome(output_dir=str(plan.output_dir), steps=done.get("steps"),
-                            train_loss=done.get("train_loss"), eval_loss=done.get("eval_loss"), already_trained=True)
+    if (done := finished(plan)):  # known before any data is read
+        return _already_trained(plan, done)
     weights = fetch_weights(plan)  # a model that cannot be had fails here, before the data is read
     data = prepare_data(plan)
     fp = fingerprint(plan.preset.name, plan.method, plan.config, data.digests, plan.max_steps)
-    done = completed_adapter(plan.output_dir, fp)
-    if done:
-        log.info("%s already holds the adapter of this run (%s steps); not training again",
-                 plan.output_dir, done.get("steps"))
-        return TrainOutcome(output_dir=str(plan.output_dir), steps=done.get("steps"),
-                            train_loss=done.get("train_loss"), eval_loss=done.get("eval_loss"), already_trained=True)
+    if (done := completed_adapter(plan.output_dir, fp)):  # the same data, without the marker (a volume input)
+        return _already_trained(plan, done)
     from kaito_tuning.tuner.recipe import train
 
     with disk_full_is_clear(plan.output_dir):
@@ -203,6 +195,13 @@ def train_step(plan: Plan, *, progress: Progress | None, show_progress: bool = F
         (plan.output_dir / INPUTS_MARKER).write_text(inputs_key(plan) + "\n")
     return TrainOutcome(output_dir=r.adapter_dir, steps=r.steps, train_loss=r.train_loss, eval_loss=r.eval_loss,
                         loss_curve=r.loss_curve)
+
+
+def _already_trained(plan: Plan, meta: dict) -> TrainOutcome:
+    log.info("%s already holds the adapter of this run (%s steps); not training again", plan.output_dir,
+             meta.get("steps"))
+    return TrainOutcome(output_dir=str(plan.output_dir), steps=meta.get("steps"), train_loss=meta.get("train_loss"),
+                        eval_loss=meta.get("eval_loss"), already_trained=True)
 
 
 # ------------------------------------------------------------------ step 3: push
