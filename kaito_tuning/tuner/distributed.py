@@ -30,7 +30,8 @@ import os
 import sys
 from dataclasses import dataclass
 
-from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_TRANSIENT, EXIT_USER_ERROR
+from kaito_tuning.contract import ENV_PARALLELISM
+from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_TRANSIENT, EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,20 @@ def merge_exit_codes(rank_codes: list[int]) -> int:
 
 # ---- FSDP: when the operator found the model too large for one GPU (KAITO_PARALLELISM=fsdp, spec/memory.py)
 
+def parallelism(requested: str | None, on_gpu: bool) -> str:
+    """The mode this run trains in: the operator's choice (``KAITO_PARALLELISM``), except that FSDP falls back to
+    DDP without GPUs. accelerate shards a model only across GPUs (on CPU it sets up DDP whatever it is asked), so
+    a CPU run that asked for FSDP says so and trains whole models per process, as it would anyway."""
+    mode = (requested or "ddp").strip().lower()
+    if mode not in ("ddp", "fsdp"):
+        raise UserError(f"{str(requested)[:40]!r} is not a mode: use ddp or fsdp", field=ENV_PARALLELISM)
+    if mode == "fsdp" and not on_gpu:
+        log.warning("%s=fsdp needs GPUs (accelerate shards models only across GPUs): training with DDP on CPU",
+                    ENV_PARALLELISM)
+        return "ddp"
+    return mode
+
+
 def fsdp_arguments(mode: str | None, quantized: bool) -> dict:
     """SFTConfig settings that shard the model over every rank (FSDP), or {} for DDP (one whole model per GPU).
 
@@ -177,7 +192,8 @@ def fsdp_arguments(mode: str | None, quantized: bool) -> dict:
     can only be sharded when stored in a float dtype: ``fsdp_quantization`` sets that where the model is
     loaded, and nothing here differs.
 
-    Not run on this project's CPU machines (FSDP needs GPUs with NCCL): only these arguments are tested.
+    Not run on this project's CPU machines (accelerate shards only across GPUs; ``parallelism`` falls back to
+    DDP on CPU): only these arguments and the fallback are tested.
     """
     if mode != "fsdp":
         return {}

@@ -114,7 +114,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     attn = mcfg.attn_implementation or ("flex_attention" if on_gpu else "sdpa")
     if progress:
         progress.update(phase="loading")
-    parallelism = os.environ.get(ENV_PARALLELISM) or "ddp"  # the operator's choice (spec/memory.py)
+    parallelism = distributed.parallelism(os.environ.get(ENV_PARALLELISM), on_gpu)  # the operator's (spec/memory.py)
     quant = config.section("QuantizationConfig") if config.quantized else None
     quant = distributed.fsdp_quantization(parallelism, quant, str(dtype).removeprefix("torch."))
     model_kwargs = {k: v for k, v in {"trust_remote_code": mcfg.trust_remote_code, "revision": mcfg.revision,
@@ -230,7 +230,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         "tokens_per_second": tokens_per_s, "train_seconds": round(seconds, 1), "seed": seed,
         "tokens_seen": _last(history, "num_tokens"), "processes": distributed.world_size(),
         "nodes": distributed.nnodes(),
-        "fingerprint": fp, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "parallelism": parallelism, "fingerprint": fp,
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     t_save = time.monotonic()
     meta["timings"] = timings

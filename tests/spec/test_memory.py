@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from kaito_tuning.errors import UserError
 from kaito_tuning.spec import memory
 from kaito_tuning.spec.instances import get_instance_type
 from kaito_tuning.spec.presets import get_preset
-from kaito_tuning.tuner.distributed import fsdp_arguments, fsdp_quantization
+from kaito_tuning.tuner.distributed import fsdp_arguments, fsdp_quantization, parallelism
 
 
 @pytest.mark.parametrize("preset, method, instance, nodes, mode, fits", [
@@ -74,3 +75,11 @@ def test_transformers_parses_the_fsdp_arguments():
         a = transformers.TrainingArguments(output_dir="/tmp/unused", use_cpu=True, report_to="none",
                                            **fsdp_arguments("fsdp", quantized))
         assert a.fsdp and a.fsdp_config["version"] == 2 and a.fsdp_config["cpu_offload"] is False
+
+
+def test_the_mode_a_run_trains_in():
+    assert parallelism(None, True) == parallelism("", False) == "ddp"
+    assert parallelism("FSDP", True) == "fsdp"
+    assert parallelism("fsdp", False) == "ddp"  # accelerate shards only across GPUs
+    with pytest.raises(UserError, match=r"KAITO_PARALLELISM: 'zero3' is not a mode: use ddp or fsdp"):
+        parallelism("zero3", True)

@@ -71,6 +71,17 @@ def test_n_processes_match_one_process_at_the_same_global_batch(same_rows, tiny_
     assert not list((tmp_path / "many").glob(".adapter-*")), "one process alone writes the adapter"
 
 
+def test_fsdp_asked_on_cpu_trains_with_ddp_and_says_so(same_rows, tiny_phi3, tmp_path, monkeypatch):
+    """accelerate shards only across GPUs: a CPU run told KAITO_PARALLELISM=fsdp (a GPU Job's pod spec, run here)
+    must train and save with DDP, and record that (it set up DDP and then crashed saving 'FSDP' weights before)."""
+    monkeypatch.setenv("KAITO_PARALLELISM", "fsdp")
+    run_local(_docs(same_rows, 2, 1), output_dir=str(tmp_path / "out"), max_steps=2, model_dir=str(tiny_phi3),
+              show_progress=False, nproc=2)
+    meta = json.loads((tmp_path / "out" / "training_metadata.json").read_text())
+    assert (meta["parallelism"], meta["processes"], meta["steps"]) == ("ddp", 2, 2)
+    assert _weights(tmp_path / "out")
+
+
 def test_exit_codes_of_ranks_are_merged_by_meaning():
     assert distributed.merge_exit_codes([-15, 65]) == 65   # rank 1 knew it was the user's error; torchrun ended rank 0
     assert distributed.merge_exit_codes([75, 66]) == 66
