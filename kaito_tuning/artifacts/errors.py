@@ -74,3 +74,9 @@ class DestinationNotEmpty(UserError):
 
 class InvalidAnnotation(UserError):
     reason = "InvalidAnnotation"
+
+
+class NoWeightsInImage(UserError):
+    """A weights image or artifact that holds no model directory (config.json and weights)."""
+
+    reason = "NoWeightsInImage"

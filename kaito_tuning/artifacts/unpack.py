@@ -1,4 +1,7 @@
-"""Unpack the ``/data`` of image layers safely: nothing written outside the destination, nothing amplified.
+"""Unpack one directory of image layers safely: nothing written outside the destination, nothing amplified.
+
+The directory is ``/data`` (adapters, datasets) unless the caller names another (``prefix``: a
+model image's weights directory, or the whole layer). Below, "/data" stands for it.
 
 - Entries with ``..``, symbolic links, devices and pipes under /data are refused; entries outside
   /data are skipped (but still counted: reading past them costs as much as writing them).
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import shutil
@@ -53,8 +57,12 @@ class Budget:
         return cls(max_bytes=default_max_bytes())
 
     def charge(self, image: str, member: tarfile.TarInfo) -> None:
+        self.add(image, member.size)
+
+    def add(self, image: str, size: int) -> None:
+        """Count one file of ``size`` bytes; ImageTooLarge once over either limit."""
         self.members += 1
-        self.bytes += max(0, member.size)
+        self.bytes += max(0, size)
         if self.members > self.max_members:
             raise ImageTooLarge(f"image {image} has more than {self.max_members} files in its layers; refused")
         if self.bytes > self.max_bytes:
@@ -84,9 +92,9 @@ class _HeaderCap:
         return self.raw.tell()
 
 
-def unpack_layer(blob: Path, root: Path, image: str, budget: Budget) -> None:
-    """Extract the ``data/`` entries of one (gzip) tar layer into ``root`` (see the module doc)."""
-    written: set[Path] = set()
+@contextlib.contextmanager
+def _open_layer(blob: Path, image: str):
+    """The (gzip) tar archive of one layer blob, reading headers through ``_HeaderCap``."""
     with open(blob, "rb") as raw:
         magic = raw.read(2)
         raw.seek(0)
@@ -97,26 +105,54 @@ def unpack_layer(blob: Path, root: Path, image: str, budget: Budget) -> None:
             raise NotAnAdapter(f"image {image} has a layer that is not a (gzip) tar archive: {e}") from None
         try:
             with tar:
-                for m in tar:
-                    budget.charge(image, m)
-                    _member(tar, m, root, image, written)
+                yield tar
         except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
             raise RegistryError(f"image {image}: a layer could not be unpacked ({e})") from None
 
 
-def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path, image: str, written: set[Path]) -> None:
-    parts = [p for p in m.name.split("/") if p not in ("", ".")]
+def _parts(name: str) -> list[str]:
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
+def layer_entries(blob: Path, image: str, budget: Budget) -> list[tuple[str, str, str]]:
+    """(path, kind, link target) of every entry of one layer, without writing anything; kind is
+    file, dir, symlink, hardlink or other. Members are charged to ``budget`` as if unpacked."""
+    out = []
+    with _open_layer(blob, image) as tar:
+        for m in tar:
+            budget.charge(image, m)
+            kind = ("file" if m.isreg() else "dir" if m.isdir() else "symlink" if m.issym()
+                    else "hardlink" if m.islnk() else "other")
+            out.append(("/".join(_parts(m.name)), kind, m.linkname))
+    return out
+
+
+def unpack_layer(blob: Path, root: Path, image: str, budget: Budget, prefix: str = DATA_DIR) -> None:
+    """Extract the entries under ``prefix`` (a path in the layer; "" for all of it) of one (gzip) tar
+    layer into ``root`` (see the module doc)."""
+    written: set[Path] = set()
+    base = _parts(prefix)
+    with _open_layer(blob, image) as tar:
+        for m in tar:
+            budget.charge(image, m)
+            _member(tar, m, root, image, written, base)
+
+
+def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path, image: str, written: set[Path],
+            base: list[str]) -> None:
+    parts = _parts(m.name)
+    where = "/" + "/".join(base)
     if ".." in parts:
         raise UnsafeImage(f"image {image}: layer entry {m.name!r} points outside its directory; refused")
-    if not parts or parts[0] != DATA_DIR:
+    if parts[:len(base)] != base:
         return
-    if len(parts) == 1:
+    if len(parts) == len(base):
         if not m.isdir():
-            raise UnsafeImage(f"image {image}: /data is not a directory in the image (it is a "
+            raise UnsafeImage(f"image {image}: {where} is not a directory in the image (it is a "
                               f"{'link' if m.issym() or m.islnk() else 'file'}); refused")
         return
     shown = "/" + "/".join(parts)
-    target = root.joinpath(*parts[1:])
+    target = root.joinpath(*parts[len(base):])
     name = parts[-1]
     if name.startswith(".wh."):
         _whiteout(target.parent, name, written, image)
@@ -132,17 +168,18 @@ def _member(tar: tarfile.TarFile, m: tarfile.TarInfo, root: Path, image: str, wr
         with tar.extractfile(m) as src, open(target, "xb") as out:
             shutil.copyfileobj(src, out, _CHUNK)
     elif m.islnk():
-        link = [p for p in m.linkname.split("/") if p not in ("", ".")]
-        source = root.joinpath(*link[1:]) if link[:1] == [DATA_DIR] and len(link) > 1 and ".." not in link else None
+        link = _parts(m.linkname)
+        inside = link[:len(base)] == base and len(link) > len(base) and ".." not in link
+        source = root.joinpath(*link[len(base):]) if inside else None
         if source is None or source.is_symlink() or not source.is_file():
-            raise UnsafeImage(f"image {image}: hard link {shown} -> {m.linkname!r} does not name a file under /data; "
-                              "refused")
+            raise UnsafeImage(f"image {image}: hard link {shown} -> {m.linkname!r} does not name a file under "
+                              f"{where}; refused")
         if source != target:
             _fresh(target)
             os.link(source, target)  # a link, not a copy: no amplification
     elif m.issym():
         raise UnsafeImage(f"image {image}: {shown} is a symbolic link (to {m.linkname!r}); images must hold plain "
-                          "files under /data; refused")
+                          f"files under {where}; refused")
     else:
         raise UnsafeImage(f"image {image}: {shown} is a device or pipe; refused")
     written.add(target)
