@@ -14,7 +14,11 @@ client and kubectl all work against it:
 * ``metadata.generateName`` gives a unique name on create (kopf's Events use it);
 * a JSON patch whose ``test`` op fails answers 422 as the API server does (kmock: 500, which kopf
   retries 9 times instead of re-reading the object);
-* a request costs the same however many came before it (see ``__iter__``).
+* a request costs the same however many came before it (see ``__iter__``);
+* fault hooks for the fault-injection suite: ``faults`` (``Fault``: answer a chosen status, hold a
+  request, or serve it and answer an error anyway, for N matching requests), ``writes`` (every write
+  served: action, resource, namespace, name, subresource, the client's token) and ``after_write``
+  (called once a write is stored, before its answer leaves: where a test kills the writer).
 
 Use it with ``pytestmark = pytest.mark.kmock(cls=Emulator)`` and the ``k8s`` fixture.
 """
@@ -24,11 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import datetime
 import itertools
 import os
 import subprocess
 import uuid
+from typing import Any, Callable
 
 import jsonpatch
 import kmock
@@ -43,6 +49,43 @@ _ALIASES = {("kaito.sh", "v1alpha1", "workspaces"): ("kaito.sh", "v1beta1", "wor
 _rv = itertools.count(1000)
 # the request whose reaction is being chosen, in the task that serves it (see Emulator.__iter__)
 _serving = contextvars.ContextVar("serving", default=None)
+_WRITES = (enums.action.CREATE, enums.action.UPDATE, enums.action.DELETE)
+
+
+@dataclasses.dataclass
+class Fault:
+    """What the emulator does to the next ``times`` requests ``match`` accepts: hold each ``delay`` seconds,
+    then answer ``status`` (``reason``, ``message``) instead of serving it, or, with ``apply``, after serving
+    it (the write is stored, the client is told it failed: a lost answer). ``status=None``: served, late."""
+
+    match: Callable[[Any], bool]
+    status: int | None = None
+    reason: str = "InternalError"
+    message: str = "an error on the server (injected)"
+    delay: float = 0.0
+    apply: bool = False
+    times: int = 1
+    hits: int = 0
+
+    @staticmethod
+    def on(action: str, resource: str, *, subresource: str | None = None, namespace: str | None = None,
+           name: str | None = None) -> Callable[[Any], bool]:
+        """A matcher: ``action`` (create/update/delete/fetch/list) of ``resource`` ("batch/v1/jobs")."""
+        def match(request) -> bool:
+            return (request.resource is not None and request.action.name == action.upper()
+                    and _resource_name(request.resource) == resource and request.subresource == subresource
+                    and (namespace is None or request.namespace == namespace) and (name is None or request.name == name))
+        return match
+
+
+def _resource_name(res) -> str:
+    return f"{res.group}/{res.version}/{res.plural}" if res.group else f"{res.version}/{res.plural}"
+
+
+def _write_name(request) -> str | None:
+    if request.name is not None:
+        return request.name
+    return ((request.data or {}).get("metadata") or {}).get("name") if isinstance(request.data, dict) else None
 
 
 class Emulator(kmock.KubernetesEmulator):
@@ -57,6 +100,9 @@ class Emulator(kmock.KubernetesEmulator):
         self.resources["karpenter.sh/v1/nodeclaims"] = kmock.ResourceInfo(
             kind="NodeClaim", namespaced=False, subresources={"status"},
             verbs={"get", "list", "watch", "create", "update", "patch", "delete"})
+        self.faults: list[Fault] = []
+        self.writes: list[dict] = []
+        self.after_write: Callable[[dict], None] | None = None
 
     def __iter__(self):
         """The requests the DSL's views see: while a request is served, only that one.
@@ -78,9 +124,41 @@ class Emulator(kmock.KubernetesEmulator):
         history_dependent = any(True for payload in self._payloads for _ in payload._walk(dsl.Slicer))
         token = _serving.set(None if history_dependent else request)
         try:
-            return await self._handle_k8s(request)
+            fault = self._fault_for(request)
+            if fault is not None and fault.delay:
+                await asyncio.sleep(fault.delay)
+            if fault is not None and fault.status and not fault.apply:
+                raise self._fault_error(fault, request)
+            response = await self._handle_k8s(request)
+            if request.resource is not None and request.action in _WRITES and response.status < 400:
+                self._record_write(request)
+            if fault is not None and fault.status and fault.apply:
+                raise self._fault_error(fault, request)
+            return response
         finally:
             _serving.reset(token)
+
+    def _fault_for(self, request) -> Fault | None:
+        for fault in self.faults:
+            if fault.hits < fault.times and fault.match(request):
+                fault.hits += 1
+                return fault
+        return None
+
+    @staticmethod
+    def _fault_error(fault: Fault, request) -> KubernetesError:
+        # the Status a real API server sends: details name the object, never a traceback
+        details = {"name": _write_name(request) or "", "kind": request.resource.plural if request.resource else ""}
+        return KubernetesError(status=fault.status, reason=fault.reason, message=fault.message, details=details)
+
+    def _record_write(self, request) -> None:
+        auth = request.headers.get("Authorization") or ""
+        write = {"action": request.action.name.lower(), "resource": _resource_name(request.resource),
+                 "namespace": request.namespace, "name": _write_name(request), "subresource": request.subresource,
+                 "token": auth.removeprefix("Bearer ")}
+        self.writes.append(write)
+        if self.after_write is not None:
+            self.after_write(write)
 
     async def _handle_k8s(self, request):
         res = request.resource

@@ -10,6 +10,7 @@ from fixtures_data import messages_rows
 from kaito_tuning import retry
 
 from .helpers import JobPod, Scripted
+from .operator_faults import Zygote
 
 
 @pytest.fixture()
@@ -37,3 +38,11 @@ def scripted(datasets_dir):
     s.close()
 
 
+
+
+@pytest.fixture(scope="module")
+def zygote():
+    """Forks operator processes that have their imports done (tests/reliability/operator_faults.py)."""
+    z = Zygote()
+    yield z
+    z.close()
