@@ -27,6 +27,7 @@ PUSH_SECRET_DIR = "/mnt/push-secret"
 PUSH_AUTH_FILE = f"{PUSH_SECRET_DIR}/.dockerconfigjson"
 PULL_SECRETS_DIR = "/mnt/pull-secrets"   # one <secret>.json per image pull secret
 HF_CACHE_DIR = "/mnt/hf-cache"
+WEIGHTS_CACHE_DIR = f"{HF_CACHE_DIR}/weights"  # base weights pulled from an image (beside the hub's cache)
 RESERVED_DIRS = (DATA_DIR, CONFIG_DIR, ADAPTER_DIR)
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -52,6 +53,9 @@ ENV_ALLOW_PRIVATE_URLS = "KAITO_ALLOW_PRIVATE_URLS"  # dataset URLs on private a
 ENV_LOCAL_RUN = "KAITO_LOCAL_RUN"  # the Job's step run by `kaito-tuning run` on the user's machine (hostPath ok)
 ENV_MAX_STEPS = "KAITO_MAX_STEPS"  # stop after this many optimizer steps (local runs, tests)
 ENV_PREFETCH_WEIGHTS = "KAITO_PREFETCH_WEIGHTS"  # the download step also fills the weights cache (HF_HOME)
+ENV_WEIGHTS_IMAGE = "KAITO_WEIGHTS_IMAGE"  # the base weights come from this image (presetOptions.image, ...)
+ENV_WEIGHTS_DIR = "KAITO_WEIGHTS_DIR"  # where pulled weights are cached (default $KAITO_CACHE_DIR/weights)
+ENV_PRESET_REGISTRY = "KAITO_PRESET_REGISTRY"  # Kaito's PRESET_REGISTRY_NAME: where its weights artifacts are
 ENV_PARALLELISM = "KAITO_PARALLELISM"  # ddp or fsdp: how the train step spreads the model over the GPUs (spec/memory.py)
 
 # ---- the adapter directory (what training writes, what is pushed, what serving loads)

@@ -26,6 +26,8 @@ from kaito_tuning.contract import (
     ENV_PREFETCH_WEIGHTS,
     ENV_PULL_SECRETS_DIR,
     ENV_PUSH_AUTH_FILE,
+    ENV_WEIGHTS_DIR,
+    ENV_WEIGHTS_IMAGE,
     ENV_WORKSPACE,
     HF_CACHE_DIR,
     LABEL_WORKSPACE,
@@ -34,13 +36,14 @@ from kaito_tuning.contract import (
     PULL_SECRETS_DIR,
     PUSH_AUTH_FILE,
     PUSH_SECRET_DIR,
+    WEIGHTS_CACHE_DIR,
 )
 from kaito_tuning.controller.settings import Settings
 from kaito_tuning.errors import EXIT_OUT_OF_MEMORY, EXIT_USER_ERROR
 from kaito_tuning.spec import memory
 from kaito_tuning.spec.instances import get_instance_type
 from kaito_tuning.spec.memory import Parallelism
-from kaito_tuning.spec.presets import get_preset
+from kaito_tuning.spec.presets import UnknownPreset, get_preset, weights_image
 from kaito_tuning.spec.training_config import (
     CONFIG_KEY,
     TuningConfig,
@@ -154,6 +157,25 @@ def _model_env(ws: Workspace, preset) -> list[dict]:
     if not secret:
         return []
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": secret, "key": "HF_TOKEN"}}}]
+
+
+def base_weights_image(ws: Workspace, settings: Settings) -> str | None:
+    """The image the tuning Job pulls the base weights from (``presetOptions.image``, else the operator's
+    preset registry + the preset's Kaito artifact), or None: the preset's own source (the hub)."""
+    t = ws.tuning
+    if t is None or t.preset is None or not t.preset.name:
+        return None
+    try:
+        preset = get_preset(t.preset.name)
+    except UnknownPreset:  # reported at validation
+        return None
+    return weights_image(preset, t.preset.preset_options, settings.preset_registry)
+
+
+def _weights_env(image: str | None) -> list[dict]:
+    if not image:
+        return []
+    return [{"name": ENV_WEIGHTS_IMAGE, "value": image}, {"name": ENV_WEIGHTS_DIR, "value": WEIGHTS_CACHE_DIR}]
 
 
 #: every scratch volume has a size limit (the kubelet evicts a pod that outgrows it, instead of the node's
@@ -370,11 +392,18 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
     # It sees the output directory read-only: a retried pod whose run already finished downloads nothing.
     mounts = [{"name": "data", "mountPath": DATA_DIR, **({"readOnly": True} if inp.volume_source else {})},
               results(read_only=True), {"name": "hf-cache", "mountPath": HF_CACHE_DIR}, _TMP_MOUNT]
-    env = [*ws_env, {"name": ENV_PREFETCH_WEIGHTS, "value": "1"}, *_model_env(ws, t.preset)]
+    # The base weights from an image (presetOptions.image, or the operator's preset registry) go to the same
+    # cache volume; its pull secrets join the input image's in one projected folder.
+    weights = base_weights_image(ws, settings)
+    env = [*ws_env, {"name": ENV_PREFETCH_WEIGHTS, "value": "1"}, *_weights_env(weights), *_model_env(ws, t.preset)]
     if not settings.deny_private_urls:  # the cluster admin allows in-cluster dataset servers
         env.append({"name": ENV_ALLOW_PRIVATE_URLS, "value": "1"})
-    if inp.image_pull_secrets:
-        volumes.append(_docker_config_volume("pull-secrets", inp.image_pull_secrets))
+    pull_secrets = list(inp.image_pull_secrets)
+    if weights:
+        pull_secrets += [s for s in (t.preset.preset_options or {}).get("imagePullSecrets") or []
+                         if s not in pull_secrets]
+    if pull_secrets:
+        volumes.append(_docker_config_volume("pull-secrets", pull_secrets))
         mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
         env.append({"name": ENV_PULL_SECRETS_DIR, "value": PULL_SECRETS_DIR})
     init_containers.append(_container("download", image, ["job", "download"], env, mounts,
@@ -384,7 +413,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
     tuner = _container(
         "tuner", image, tuner_args(ws),
         [*ws_env, {"name": "PYTORCH_CUDA_ALLOC_CONF", "value": "expandable_segments:True"},
-         {"name": ENV_PARALLELISM, "value": mode.mode}, *_model_env(ws, t.preset)],
+         {"name": ENV_PARALLELISM, "value": mode.mode}, *_weights_env(weights), *_model_env(ws, t.preset)],
         [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
          {"name": "data", "mountPath": DATA_DIR, "readOnly": True},
          results(),

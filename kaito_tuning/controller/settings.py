@@ -31,6 +31,11 @@ KAITO_WEBHOOK_CONFIGURATION            name of the ValidatingWebhookConfiguratio
                                        declared by hand (operator/cert-manager/)
 KAITO_WEBHOOK_INSECURE                 true: plain HTTP on 127.0.0.1 (tests only)
 KAITO_LOG_LEVEL                        DEBUG, INFO (default), WARNING or ERROR; the log is JSON lines
+KAITO_PRESET_REGISTRY                  Kaito's PRESET_REGISTRY_NAME (e.g. mcr.microsoft.com/aks/kaito):
+                                       presets Kaito ships as weights artifacts are pulled from
+                                       <registry>/kaito-<model>:<tag> instead of the Hugging Face hub
+                                       (no hub access needed); empty (default): the hub.
+                                       tuning.preset.presetOptions.image overrides it per workspace
 KAITO_ALLOWED_VOLUME_TYPES             comma list of the volume types a workspace may mount (input,
                                        adapters; output: the same less configMap); default:
                                        persistentVolumeClaim,emptyDir,csi,nfs,azureFile,configMap
@@ -42,6 +47,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from kaito_tuning.artifacts import reference as imageref
 from kaito_tuning.errors import UserError
 from kaito_tuning.spec.rules import INPUT_VOLUME_TYPES
 
@@ -76,6 +82,7 @@ class Settings:
     webhook_insecure: bool = False
     log_level: str = "INFO"
     allowed_volume_types: str = ",".join(INPUT_VOLUME_TYPES)
+    preset_registry: str | None = None
 
     @property
     def volume_types(self) -> tuple[str, ...]:
@@ -105,9 +112,22 @@ class Settings:
             raise UserError(f"must be a comma list of Kubernetes volume types ({', '.join(INPUT_VOLUME_TYPES)}, ...); "
                             + (f"unknown: {', '.join(unknown)}" if unknown else "it is empty"),
                             field=env_name("allowed_volume_types"), reason="InvalidSetting")
+        if self.preset_registry and (why := _registry_problem(self.preset_registry)):
+            raise UserError(why, field=env_name("preset_registry"), reason="InvalidSetting")
         if self.job_backoff_limit < 0:
             raise UserError(f"must be 0 or more, got {self.job_backoff_limit}", field=env_name("job_backoff_limit"),
                             reason="InvalidSetting")
+
+
+def _registry_problem(value: str) -> str | None:
+    """Why ``value`` is not a registry host with an optional path (``host[:port][/path]``), or None."""
+    try:
+        ref = imageref.parse(f"{value.rstrip('/')}/kaito-probe:0")
+    except imageref.InvalidReference:
+        ref = None
+    if ref is None or ref.registry == imageref.DOCKER_HUB and not value.startswith("docker.io"):
+        return f"must be a registry host with an optional path, e.g. mcr.microsoft.com/aks/kaito; got {value!r}"
+    return None
 
 
 def env_name(field_name: str) -> str:

@@ -36,6 +36,7 @@ class Preset:
     gating: str = ""
     offline: dict = field(default_factory=dict)
     aliases: tuple[str, ...] = ()  # other names Kaito uses for it (e.g. its tuning table's key)
+    weights_image: str = ""  # Kaito's weights artifact, ``kaito-<model>:<tag>``, relative to a preset registry
 
     def supports(self, method: str) -> bool:
         return method in self.methods
@@ -72,6 +73,7 @@ def _parse(path: Path) -> Preset:
         gating=d.get("gating", ""),
         offline=src.get("offline") or {},
         aliases=tuple(str(a).lower() for a in d.get("aliases") or ()),
+        weights_image=str(src.get("weights_image") or ""),
     )
 
 
@@ -108,3 +110,19 @@ def get_preset(name: str, *, purpose: str = "tuning") -> Preset:
 
 
 DEFAULT_PRESET = "smollm2-135m-instruct"
+
+
+def weights_image(preset: Preset, preset_options: dict | None, registry: str | None) -> str | None:
+    """The image the base weights are pulled from, or None for the preset's own source (the hub).
+
+    ``presetOptions.image`` when the workspace gives one; else, when a preset registry is set
+    (Kaito's ``PRESET_REGISTRY_NAME``; here ``KAITO_PRESET_REGISTRY``) and Kaito ships the preset's
+    weights as an artifact, ``<registry>/<weights_image>`` (e.g. ``mcr.microsoft.com/aks/kaito/
+    kaito-phi-4:0.2.0``); else None.
+    """
+    given = (preset_options or {}).get("image")
+    if given:
+        return str(given)
+    if registry and preset.weights_image:
+        return f"{registry.strip().rstrip('/')}/{preset.weights_image}"
+    return None

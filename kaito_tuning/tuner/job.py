@@ -71,6 +71,7 @@ def plan_from_env() -> pipeline.Plan:
         allow_private_urls=c.env_flag(c.ENV_ALLOW_PRIVATE_URLS),
         prefetch_weights=c.env_flag(c.ENV_PREFETCH_WEIGHTS),
         max_steps=int(os.environ[c.ENV_MAX_STEPS]) if os.environ.get(c.ENV_MAX_STEPS) else None,
+        weights_image=os.environ.get(c.ENV_WEIGHTS_IMAGE) or None,  # else the workspace's presetOptions.image
     )
 
 

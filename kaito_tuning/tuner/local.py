@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +29,7 @@ from kaito_tuning.errors import (
     UserError,
 )
 from kaito_tuning.spec.files import split_documents
+from kaito_tuning.spec.presets import get_preset, weights_image
 from kaito_tuning.spec.rules import load_workspace
 from kaito_tuning.spec.training_config import TuningConfig, load_config
 from kaito_tuning.spec.workspace import Workspace
@@ -77,9 +79,13 @@ def input_dir(ws: Workspace, workdir: Path) -> Path:
 def run_local(docs: list[dict], *, output_dir: str | None = None, workdir: str | None = None,
               push: bool = True, show_progress: bool = True, nproc: int = 1, **options) -> RunResult:
     """Run the pipeline for the workspace in ``docs``; ``options`` are ``Plan`` fields (model_dir,
-    pull_auth, push_auth, plain_http, max_steps, allow_private_urls). ``nproc`` > 1 trains with that
+    pull_auth, push_auth, plain_http, max_steps, allow_private_urls, weights_image). ``nproc`` > 1 trains with that
     many processes (torch.distributed), exactly as the Job's train step does on a node with that many GPUs."""
     ws, config = load_spec(docs)
+    if not options.get("weights_image"):  # --weights-image, else presetOptions.image, else a preset registry
+        preset = get_preset(ws.tuning.preset.name)
+        options["weights_image"] = weights_image(preset, ws.tuning.preset.preset_options,
+                                                 os.environ.get(c.ENV_PRESET_REGISTRY))
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kaito-run-"))
     try:
         out = Path(output_dir or f"{ws.name}-adapter").resolve()
@@ -105,7 +111,8 @@ def run_distributed(plan: Plan, nproc: int, work: Path, *, push: bool = True) ->
     env = {c.ENV_WORKSPACE: json.dumps(plan.workspace.to_dict()), c.ENV_CONFIG_DIR: str(config_dir),
            c.ENV_DATA_DIR: str(plan.data_dir), c.ENV_OUTPUT_DIR: str(plan.output_dir),
            c.ENV_MODEL_DIR: plan.model_dir or "", c.ENV_PROGRESS_PORT: "0",
-           c.ENV_TERMINATION_LOG: str(termination), c.ENV_MAX_STEPS: str(plan.max_steps or ""), c.ENV_LOCAL_RUN: "1"}
+           c.ENV_TERMINATION_LOG: str(termination), c.ENV_MAX_STEPS: str(plan.max_steps or ""), c.ENV_LOCAL_RUN: "1",
+           c.ENV_WEIGHTS_IMAGE: plan.weights_image or ""}
     rc = distributed.launch(distributed.Topology(nproc_per_node=nproc), ["job", "train"], env=env)
     told = termination.read_text().strip() if termination.exists() else ""
     if rc != 0:

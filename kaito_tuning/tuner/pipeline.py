@@ -25,7 +25,7 @@ from pathlib import Path
 from kaito_tuning import redact
 from kaito_tuning.contract import LABEL_WORKSPACE, PROGRESS_FILE
 from kaito_tuning.errors import UserError
-from kaito_tuning.spec.presets import Preset, get_preset
+from kaito_tuning.spec.presets import Preset, get_preset, weights_image
 from kaito_tuning.spec.training_config import TuningConfig
 from kaito_tuning.spec.workspace import Workspace
 from kaito_tuning.tuner import distributed
@@ -55,6 +55,7 @@ class Plan:
     allow_private_urls: bool = False    # dataset URLs on loopback/private addresses (local runs, tests)
     prefetch_weights: bool = False      # the input step also makes the base weights local (the Job's download)
     annotations: dict[str, str] = field(default_factory=dict)  # extra annotations on the pushed image
+    weights_image: str | None = None    # base weights from this image (presetOptions.image, a preset registry)
 
     @property
     def name(self) -> str:
@@ -70,8 +71,11 @@ def make_plan(ws: Workspace, config: TuningConfig, *, data_dir: str | Path, outp
     if ws.tuning is None:
         raise UserError("this workspace has no tuning section; `run` trains adapters (use `serve` for inference)",
                         field="tuning")
-    return Plan(workspace=ws, config=config, preset=get_preset(ws.tuning.preset.name), data_dir=Path(data_dir),
-                output_dir=Path(output_dir), **options)
+    preset = get_preset(ws.tuning.preset.name)
+    if not options.get("weights_image"):  # the workspace's own presetOptions.image, else the preset's source
+        options["weights_image"] = weights_image(preset, ws.tuning.preset.preset_options, None)
+    return Plan(workspace=ws, config=config, preset=preset, data_dir=Path(data_dir), output_dir=Path(output_dir),
+                **options)
 
 
 @dataclass
@@ -109,6 +113,8 @@ def inputs_key(plan: Plan) -> str:
     doc = {"preset": plan.preset.name, "method": plan.method, "config": plan.config.sections,
            "max_steps": plan.max_steps, "urls": [redact.url(u) for u in inp.urls or []], "image": inp.image,
            "volume": inp.volume_source}
+    if plan.weights_image:  # other base weights: another run (absent otherwise, so older keys still hold)
+        doc["weights"] = plan.weights_image
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -150,7 +156,8 @@ def fetch_inputs(plan: Plan) -> list[DataFile] | None:
 
 def fetch_weights(plan: Plan) -> Path:
     """The base model's weights as a local directory: downloaded now unless they already are local
-    (``ModelConfig.local_files_only: true`` forbids the download: then they must be)."""
+    (``ModelConfig.local_files_only: true`` forbids a hub download: then they must be). A weights
+    image (``plan.weights_image``) is pulled into the weights cache instead, the hub never asked."""
     from kaito_tuning.tuner.base_model import local_weights, model_dir_from_config
 
     m = plan.config.model()
@@ -159,7 +166,8 @@ def fetch_weights(plan: Plan) -> Path:
         log.info("ModelConfig %s: accepted and not used (the hub client reads HTTPS_PROXY itself)", ", ".join(ignored))
     where = local_weights(plan.preset, model_dir=plan.model_dir or model_dir_from_config(m.pretrained_model_name_or_path),
                           local_files_only=m.local_files_only, revision=m.revision, cache_dir=m.cache_dir,
-                          force_download=m.force_download)
+                          force_download=m.force_download, weights_image=plan.weights_image,
+                          pull_auth=plan.pull_auth, plain_http=plan.plain_http)
     log.info("base weights of %s at %s", plan.preset.name, where)
     return where
 

@@ -356,3 +356,66 @@ def test_every_scratch_volume_has_a_size_limit(path):
             for c in spec.get("initContainers", []) + spec.get("containers", []):
                 if c["name"] in ("download", "push"):
                     assert c["resources"]["limits"]["memory"], c["name"]
+
+
+# ------------------------------------------------------------------ base weights from an image (issue 10)
+
+def _weights_ws(preset_options: dict | None, input_secrets: list[str] | None = None):
+    obj = yaml.safe_load(open("examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml"))
+    obj["metadata"]["namespace"] = "team-a"
+    if preset_options is not None:
+        obj["tuning"]["preset"]["presetOptions"] = preset_options
+    if input_secrets is not None:
+        obj["tuning"]["input"] = {"image": "registry.example/data:1", "imagePullSecrets": input_secrets}
+    return load_workspace(obj)
+
+
+def _env(container) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+@pytest.mark.parametrize("options,registry,expected", [
+    ({"image": "airgap.example/models/phi3:1", "imagePullSecrets": ["weights-cred"]}, None,
+     "airgap.example/models/phi3:1"),
+    ({"image": "airgap.example/models/phi3:1"}, "mcr.microsoft.com/aks/kaito", "airgap.example/models/phi3:1"),
+    (None, "mcr.microsoft.com/aks/kaito/", "mcr.microsoft.com/aks/kaito/kaito-phi-3-mini-128k-instruct:0.2.0"),
+    (None, None, None),
+])
+def test_weights_image_reaches_download_and_tuner(options, registry, expected, tmp_path, capsys, monkeypatch):
+    ws = _weights_ws(options, input_secrets=["data-cred", "weights-cred"])
+    settings = Settings(preset_registry=registry)
+    job = manifests.tuning_job(ws, settings, load_config(None, "qlora"))
+    pod = _pod(job)
+    download, tuner = pod["initContainers"][0], pod["initContainers"][1]
+    for c in (download, tuner):
+        assert _env(c).get("KAITO_WEIGHTS_IMAGE") == expected
+        assert _env(c).get("KAITO_WEIGHTS_DIR") == ("/mnt/hf-cache/weights" if expected else None)
+    projected = next(v for v in pod["volumes"] if v["name"] == "pull-secrets")["projected"]["sources"]
+    names = [s["secret"]["name"] for s in projected]
+    # the preset's pull secrets join the input image's (once each), only when weights come from an image
+    assert names == (["data-cred", "weights-cred"])
+    assert "pull-secrets" not in {m["name"] for m in tuner["volumeMounts"]}
+    for version in K8S_VERSIONS:
+        kubernetes_validate.validate(job, version, strict=True)
+    # `kaito-tuning render` shows it (the operator's setting read from its environment)
+    f = tmp_path / "ws.yaml"
+    f.write_text(yaml.safe_dump(ws.to_dict()))
+    if registry:
+        monkeypatch.setenv("KAITO_PRESET_REGISTRY", registry)
+    assert cli.main(["render", str(f)]) == 0
+    rendered = next(d for d in yaml.safe_load_all(capsys.readouterr().out) if d and d["kind"] == "Job")
+    assert _env(_pod(rendered)["initContainers"][0]).get("KAITO_WEIGHTS_IMAGE") == expected
+
+
+def test_preset_pull_secrets_alone_are_projected_for_the_weights_image():
+    ws = _weights_ws({"image": "airgap.example/models/phi3:1", "imagePullSecrets": ["weights-cred"]})
+    pod = _pod(manifests.tuning_job(ws, Settings(), load_config(None, "qlora")))
+    download = pod["initContainers"][0]
+    assert _env(download)["KAITO_PULL_SECRETS_DIR"] == "/mnt/pull-secrets"
+    sources = next(v for v in pod["volumes"] if v["name"] == "pull-secrets")["projected"]["sources"]
+    assert sources == [{"secret": {"name": "weights-cred", "items": [{"key": ".dockerconfigjson",
+                                                                      "path": "weights-cred.json"}]}}]
+    # without a weights image they are not needed, and not projected
+    pod = _pod(manifests.tuning_job(_weights_ws({"imagePullSecrets": ["weights-cred"]}), Settings(),
+                                    load_config(None, "qlora")))
+    assert "pull-secrets" not in {v["name"] for v in pod["volumes"]}
