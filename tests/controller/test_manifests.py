@@ -419,3 +419,17 @@ def test_preset_pull_secrets_alone_are_projected_for_the_weights_image():
     pod = _pod(manifests.tuning_job(_weights_ws({"imagePullSecrets": ["weights-cred"]}), Settings(),
                                     load_config(None, "qlora")))
     assert "pull-secrets" not in {v["name"] for v in pod["volumes"]}
+
+
+@pytest.mark.parametrize("value,ok", [("mcr.microsoft.com/aks/kaito", True), ("127.0.0.1:5000", True),
+                                      ("ghcr.io/kaito-project/kaito/", True), ("kaito", False),
+                                      ("https://mcr.microsoft.com", False), ("a b.io", False)])
+def test_preset_registry_setting_must_be_a_registry(value, ok):
+    from kaito_tuning.controller.settings import from_env
+    from kaito_tuning.errors import UserError
+
+    if ok:
+        assert from_env({"KAITO_PRESET_REGISTRY": value}).preset_registry == value
+    else:
+        with pytest.raises(UserError, match="KAITO_PRESET_REGISTRY.*registry host"):
+            from_env({"KAITO_PRESET_REGISTRY": value})
