@@ -281,3 +281,36 @@ def test_model_dir_in_prefers_kaitos_paths_and_follows_their_link():
     assert model_dir_in({"x/config.json": f}) is None
     assert model_dir_in({"workspace/tfs/weights": ("symlink", "../../../etc")}) is None
 
+
+
+def test_modelpack_tar_gzip_layers_are_unpacked(registry, tmp_path):
+    """ModelPack's tar+gzip mode (aikit layer_packaging=tar+gzip): each layer a tar of files, unpacked in place."""
+    from kaito_tuning.artifacts.registry import connect
+
+    model = fake_model(tmp_path / "model")
+    layers_ = []
+    for name in sorted(tree(model)):
+        raw = io.BytesIO()
+        with tarfile.open(fileobj=raw, mode="w") as tar:
+            tar.add(model / name, arcname=name)
+        blob = tmp_path / f"{name}.tgz"
+        blob.write_bytes(gzip.compress(raw.getvalue(), mtime=0))
+        layers_.append((blob, "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest(), name))
+    cfg = tmp_path / "cfg"
+    cfg.write_bytes(b"{}")
+    cfg_digest = "sha256:" + hashlib.sha256(b"{}").hexdigest()
+    media = "application/vnd.cncf.model.weight.v1.tar+gzip"
+    reg = connect(f"{registry.host}/kaito/tgz:1", auth_file=registry.auth_file, plain_http=True, push=True,
+                  require_tag=True)
+    with reg:
+        reg.ping()
+        for blob, digest, _ in layers_:
+            reg.push_blob(blob, digest, blob.stat().st_size, media)
+        reg.push_blob(cfg, cfg_digest, 2, MODELPACK_CONFIG)
+        reg.put_manifest(json.dumps({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": MODELPACK_CONFIG, "digest": cfg_digest, "size": 2},
+            "layers": [{"mediaType": media, "digest": d, "size": b.stat().st_size, "annotations": {TITLE: n}}
+                       for b, d, n in layers_]}).encode(), "application/vnd.oci.image.manifest.v1+json")
+    got = _pull(registry, "kaito/tgz:1", tmp_path / "cache")
+    assert got.shape == "artifact" and tree(Path(got.model_dir)) == tree(model)
