@@ -66,9 +66,13 @@ class ResourceSpec:
 
 @dataclass
 class PresetOptions:
-    image: str | None = spec("Kaito's model image (deprecated in v1beta1); accepted and not used.")
-    image_pull_secrets: list[str] = spec("Secrets to pull `image` with (deprecated in v1beta1); accepted and not used.",
-                                         default=[])
+    image: str | None = spec(
+        "An image holding the base model's weights (Kaito's model artifact, one file per layer, or a container image "
+        "with them under /workspace/weights): for tuning, the download step pulls it into the weights cache, so the "
+        "hub is never asked. Deprecated in Kaito's v1beta1.")
+    image_pull_secrets: list[str] = spec(
+        "Names of kubernetes.io/dockerconfigjson secrets to pull `image` with (deprecated in Kaito's v1beta1).",
+        default=[])
     model_access_secret: str | None = spec(
         "Name of a secret with key HF_TOKEN, used to download gated models (v1beta1).", versions=("v1beta1",))
 
@@ -80,8 +84,8 @@ class PresetSpec:
     access_mode: str | None = spec("public or private (kept for Kaito compatibility; weights come from the preset's source).",
                                    enum=["public", "private"], schema_default="public")
     preset_options: dict | None = spec(
-        "Kaito's presetOptions: modelAccessSecret names a secret with key HF_TOKEN for gated models; "
-        "image and imagePullSecrets are accepted and not used.", schema_type=PresetOptions)
+        "Kaito's presetOptions: image (and imagePullSecrets) holds the base model's weights for tuning; "
+        "modelAccessSecret names a secret with key HF_TOKEN for gated models.", schema_type=PresetOptions)
 
 
 @dataclass
