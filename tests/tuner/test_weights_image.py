@@ -231,18 +231,21 @@ def test_kaito_tuning_run_trains_two_steps_from_a_weights_image_without_the_hub(
     assert f"base weights of phi-3-mini-128k-instruct from {image}" in run.stderr + run.stdout
 
 
-def test_kaito_tuning_run_without_the_password_exits_65_in_one_line(registry, tiny_phi3, tmp_path):
+@pytest.mark.parametrize("named_by", ["presetOptions.image", "--weights-image"])
+def test_kaito_tuning_run_without_the_password_exits_65_in_one_line(registry, tiny_phi3, tmp_path, named_by):
     image = f"{registry.host}/models/tiny-nopass:1"
     push_weights(tiny_phi3, image, auth_file=registry.auth_file, plain_http=True)
     data = tmp_path / "data"
     data.mkdir()
     write_parquet(data / "chat.parquet", messages_rows(repeat=1))
     spec = tmp_path / "ws.yaml"
-    ws = workspace(image, data={"volumeSource": {"hostPath": {"path": str(data)}}})
+    ws = workspace(image if named_by == "presetOptions.image" else None,
+                   data={"volumeSource": {"hostPath": {"path": str(data)}}})
     del ws["tuning"]["config"]  # the method's defaults
     spec.write_text(yaml.safe_dump(ws))
+    flag = ["--weights-image", image] if named_by == "--weights-image" else []
     run = subprocess.run([sys.executable, "-m", "kaito_tuning.cli", "run", str(spec), "--output-dir",
-                          str(tmp_path / "out"), "--plain-http", "--no-push", "--no-progress"], capture_output=True,
+                          str(tmp_path / "out"), "--plain-http", "--no-push", "--no-progress", *flag], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                       c.ENV_CACHE_DIR: str(tmp_path / "cache")})
     assert run.returncode == EXIT_USER_ERROR, run.stderr[-2000:]
