@@ -144,6 +144,35 @@ def test_kaitos_default_configmap_trains_unchanged(data_server, tiny_phi3, tmp_p
     assert meta["rank"] == 8 and meta["loss_mask"] == "assistant_only"
 
 
+KAITO_QLORA_PARAMS = KAITO_LORA_PARAMS.replace("""  QuantizationConfig:
+    load_in_4bit: false""", """  QuantizationConfig:
+    load_in_4bit: true
+    bnb_4bit_quant_type: "nf4"
+    bnb_4bit_compute_dtype: "bfloat16"
+    bnb_4bit_use_double_quant: true""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,template", [("lora", KAITO_LORA_PARAMS), ("qlora", KAITO_QLORA_PARAMS)])
+def test_kaitos_default_configmaps_train_smollm2_unchanged(data_server, tmp_path, method, template):
+    """Kaito's chart ConfigMaps (lora-params-template, qlora-params-template) as they are, on the real SmolLM2 (the
+    embedded default model) with its preset swapped in: local_files_only holds (the weights are made local
+    first, never from the hub), bfloat16 becomes float32 on a CPU, mlm: true is TRL's collator, and it trains."""
+    assert template.count("local_files_only: true") == 1 and "mlm: true" in template
+    base, _ = data_server
+    name = f"{method}-params-template"
+    ws = tuning_workspace([f"{base}/chat.parquet"], preset="smollm2-135m-instruct", method=method, config=name)
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name},
+          "data": {"training_config.yaml": template}}
+    result = run_local([ws, cm], output_dir=str(tmp_path / "out"), max_steps=2, allow_private_urls=True,
+                       show_progress=False)
+    meta = json.loads((tmp_path / "out" / "training_metadata.json").read_text())
+    assert result.steps == meta["steps"] == 2 and meta["preset"] == "smollm2-135m-instruct"
+    assert meta["rank"] == 8 and meta["lora_alpha"] == 8 and meta["dtype"] == "float32"
+    assert bool(meta["quantization"]) == (method == "qlora")
+    assert (tmp_path / "out" / "adapter_model.safetensors").stat().st_size > 0
+
+
 def test_a_rerun_of_a_finished_run_does_not_train_again(data_server, tiny_phi3, tmp_path):
     base, _ = data_server
     docs = [tuning_workspace([f"{base}/chat.parquet"], config="tiny-config"), training_configmap()]
