@@ -143,8 +143,11 @@ def run_trl(file: Path, tok_dir: str, recipe: bool, packing: bool, max_length: i
 
 
 def run_ours(file: Path, tok_dir: str, packing: bool, max_length: int, cache: bool) -> dict:
-    import datasets  # noqa: F401  (imported before the clock starts, as TRL's variant has it imported)
+    # datasets and trl imported before the clock starts, as the TRL variants have them (they also build their
+    # SFTConfig before their clock; ours builds it inside)
+    import datasets  # noqa: F401
     from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer  # noqa: F401
 
     from kaito_tuning.spec.training_config import DatasetConfig
     from kaito_tuning.tuner import dataprep
