@@ -15,6 +15,8 @@ client and kubectl all work against it:
 * a JSON patch whose ``test`` op fails answers 422 as the API server does (kmock: 500, which kopf
   retries 9 times instead of re-reading the object);
 * a request costs the same however many came before it (see ``__iter__``);
+* a merge patch that names a ``metadata.resourceVersion`` other than the stored one answers 409
+  Conflict (optimistic concurrency, as the API server does);
 * fault hooks for the fault-injection suite: ``faults`` (``Fault``: answer a chosen status, hold a
   request, or serve it and answer an error anyway, for N matching requests), ``writes`` (every write
   served: action, resource, namespace, name, subresource, the client's token) and ``after_write``
@@ -69,10 +71,12 @@ class Fault:
 
     @staticmethod
     def on(action: str, resource: str, *, subresource: str | None = None, namespace: str | None = None,
-           name: str | None = None) -> Callable[[Any], bool]:
-        """A matcher: ``action`` (create/update/delete/fetch/list) of ``resource`` ("batch/v1/jobs")."""
+           name: str | None = None, token: str | None = None) -> Callable[[Any], bool]:
+        """A matcher: ``action`` (create/update/delete/fetch/list) of ``resource`` ("batch/v1/jobs"), optionally
+        only in ``namespace``, of ``name``, from the client whose kubeconfig token is ``token``."""
         def match(request) -> bool:
             return (request.resource is not None and request.action.name == action.upper()
+                    and (token is None or request.headers.get("Authorization") == f"Bearer {token}")
                     and _resource_name(request.resource) == resource and request.subresource == subresource
                     and (namespace is None or request.namespace == namespace) and (name is None or request.name == name))
         return match
@@ -169,6 +173,7 @@ class Emulator(kmock.KubernetesEmulator):
             if request.action == enums.action.CREATE and isinstance(request.data, dict):
                 self._stamp_new(request)
             elif request.action == enums.action.UPDATE and request.name is not None:
+                self._check_precondition(request)
                 self._stamp_update(request)
         deleted_uid = None
         if request.resource is not None and request.action == enums.action.DELETE and request.name is not None:
@@ -201,6 +206,17 @@ class Emulator(kmock.KubernetesEmulator):
     def _uid_of(self, request) -> str | None:
         obj = self._current(request)
         return (dict(obj).get("metadata") or {}).get("uid") if obj is not None else None
+
+    def _check_precondition(self, request) -> None:
+        """A merge patch naming a resourceVersion applies only to that version (409 Conflict otherwise)."""
+        data, obj = request.data, self._current(request)
+        want = ((data.get("metadata") or {}) if isinstance(data, dict) else {}).get("resourceVersion")
+        have = (dict(obj).get("metadata") or {}).get("resourceVersion") if obj is not None else None
+        if want and have and str(want) != str(have):
+            raise KubernetesError(status=409, reason="Conflict", details={"name": request.name},
+                                  message=f"Operation cannot be fulfilled on {request.resource.plural} "
+                                          f'"{request.name}": the object has been modified; please apply your '
+                                          "changes to the latest version and try again")
 
     def _stamp_update(self, request) -> None:
         obj = self._current(request)

@@ -25,6 +25,7 @@ from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
 from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION, VERSIONS, parse_workspace
 
 log = logging.getLogger("kaito_tuning.controller.admission")
+ADMISSION_READ_TIMEOUT_SECONDS = 5.0  # its reads (ConfigMap, workspaces) while the API server waits for an answer
 
 
 def _strip(obj: dict | None) -> dict:
@@ -61,13 +62,20 @@ def review(body: dict, old: dict | None, operation: str, *, deny_private_urls: b
     return problems
 
 
+def _read_timeout() -> float:
+    """A read made while the API server waits for the webhook's answer (10 s by default) ends well before it."""
+    from kaito_tuning.controller.reconciler import API_TIMEOUT_SECONDS
+
+    return min(ADMISSION_READ_TIMEOUT_SECONDS, API_TIMEOUT_SECONDS)
+
+
 def list_workspaces() -> list[dict] | None:
     """Every workspace of the cluster, or None when they cannot be listed (the operator's status reports it then)."""
     import kubernetes
 
     try:
         return kubernetes.client.CustomObjectsApi().list_cluster_custom_object(
-            GROUP, STORAGE_VERSION, PLURAL).get("items") or []
+            GROUP, STORAGE_VERSION, PLURAL, _request_timeout=_read_timeout()).get("items") or []
     except Exception as e:  # noqa: BLE001 - admission must not fail because a read did
         log.debug("cannot list workspaces: %s", e)
         return None
@@ -78,7 +86,8 @@ def read_config_text(namespace: str, name: str) -> str | None:
     import kubernetes
 
     try:
-        cm = kubernetes.client.CoreV1Api().read_namespaced_config_map(name, namespace)
+        cm = kubernetes.client.CoreV1Api().read_namespaced_config_map(name, namespace,
+                                                                      _request_timeout=_read_timeout())
     except Exception as e:  # noqa: BLE001 - admission must not fail because a read did
         log.debug("cannot read ConfigMap %s/%s: %s", namespace, name, e)
         return None

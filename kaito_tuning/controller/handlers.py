@@ -10,7 +10,10 @@ workspace, applied as v1alpha1 or v1beta1, through it.
 
 Every status write replaces the previous status (``decisions.status_patch``); every phase change and
 every failure is an Event on the Workspace and a JSON log line; a handler that raises leaves a status
-condition saying why (``OperatorError``) before kopf retries it.
+condition saying why (``OperatorError``) before kopf retries it after ``retry_delay_seconds``. A refresh
+(an event of a Job, Deployment or pod) whose API calls fail is retried a few times at once (1, 2, 4 s):
+kopf never retries an event handler, and the event that would have brought the status up to date does
+not come again. Every API request ends within ``reconciler.API_TIMEOUT_SECONDS``.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ import functools
 
 import kopf
 import kubernetes
+import urllib3
+from kubernetes.client.exceptions import ApiException
 
+from kaito_tuning import retry
 from kaito_tuning.contract import FINALIZER, LABEL_WORKSPACE
 from kaito_tuning.controller import decisions as d
-from kaito_tuning.controller import logs
+from kaito_tuning.controller import logs, reconciler
 from kaito_tuning.controller import status as st
-from kaito_tuning.controller.reconciler import Outcome, Reconciler, ws_key
+from kaito_tuning.controller.reconciler import Outcome, Reconciler, api_error_text, ws_key
 from kaito_tuning.controller.settings import Settings, from_env
-from kaito_tuning.errors import KaitoError, UserError
+from kaito_tuning.errors import KaitoError, TransientError, UserError
 from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION
 
 
@@ -35,20 +41,46 @@ def _post(body, outcome: Outcome) -> None:
         kopf.event(body, type=e["type"], reason=e["reason"], message=e["message"])
 
 
-def _reported(fn):
-    """A handler whose failure leaves a status condition, an Event and a log line, then is retried by kopf."""
+REFRESH_ATTEMPTS = 4
+_API_FAILURES = (ApiException, urllib3.exceptions.HTTPError)  # an answer with an error, a timeout, no connection
+
+
+class ApiCallFailed(TransientError):
+    """A failed API call of a refresh, in one line (retried by the retry policy, then reported)."""
+
+    reason = "OperatorError"
+
+
+CHANGED_RETRY_SECONDS = 1.0
+
+
+def _write_status(rec: Reconciler, body, new: dict) -> None:
+    """The handler's status, written by us (not kopf's patch, which kopf retries on its own and may land after
+    a newer status) and only onto the workspace it was computed from (its resourceVersion). A 409: the
+    workspace changed meanwhile; kopf runs the handler again on the new one."""
+    meta = body["metadata"]
+    try:
+        rec.write_status(meta.get("namespace") or "default", meta["name"], body.get("status"), new,
+                         meta.get("resourceVersion"))
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        raise kopf.TemporaryError("the workspace changed while it was reconciled: again with the new one",
+                                  delay=CHANGED_RETRY_SECONDS) from None
+
+
+def _reported(fn, rec: Reconciler, delay: float = 30.0):
+    """A handler whose failure leaves a status condition, an Event and a log line, then is retried by kopf
+    after ``delay`` seconds."""
     @functools.wraps(fn)
-    def wrapper(body, patch, **kwargs):
+    def wrapper(body, **kwargs):
         try:
-            return fn(body=body, patch=patch, **kwargs)
+            return fn(body=body, **kwargs)
         except (kopf.TemporaryError, kopf.PermanentError):
             raise
         except Exception as e:  # noqa: BLE001 - reported, then retried
-            prev, new, reason, message = _failure_status(body, e)
-            patch.status.update(d.status_patch(prev, new))
-            logs.failure(ws_key(body), reason, message, e)
-            kopf.event(body, type="Warning", reason=reason, message=message)
-            raise kopf.TemporaryError(message, delay=30) from e
+            _report_failure(rec, body, e)
+            raise kopf.TemporaryError(_failure_status(body, e)[3], delay=delay) from e
     return wrapper
 
 
@@ -57,6 +89,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     """Register the handlers into ``registry`` (a fresh one by default) and return it."""
     registry = registry or kopf.OperatorRegistry()
     rec = Reconciler(settings, api_client)
+    reported = functools.partial(_reported, rec=rec, delay=settings.retry_delay_seconds)
     wsres = (GROUP, STORAGE_VERSION, PLURAL)
     labelled = {LABEL_WORKSPACE: kopf.PRESENT}
 
@@ -69,14 +102,16 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
         settings.persistence.finalizer = FINALIZER
         settings.posting.enabled = True  # our kopf.event() calls: phase changes and failures
         settings.posting.loggers = False  # not every log line
+        settings.networking.request_timeout = reconciler.API_TIMEOUT_SECONDS  # kopf's default: 5 minutes
+        settings.networking.connect_timeout = reconciler.API_TIMEOUT_SECONDS
 
     @kopf.on.resume(*wsres, registry=registry)
     @kopf.on.create(*wsres, registry=registry)
     @kopf.on.update(*wsres, registry=registry)
-    @_reported
-    def reconcile_workspace(body, patch, **_):
+    @reported
+    def reconcile_workspace(body, **_):
         outcome = rec.reconcile(body)
-        patch.status.update(d.status_patch(body.get("status"), outcome.status))
+        _write_status(rec, body, outcome.status)
         _post(body, outcome)
         if outcome.retry_after:
             raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
@@ -89,11 +124,11 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     @kopf.timer(*wsres, registry=registry, interval=settings.progress_poll_seconds, initial_delay=1,
                 when=lambda status, **_: status.get("state") == st.RUNNING and
                 (status.get("tuning") or {}).get("stage") == "training")
-    @_reported
-    def poll_progress(body, patch, **_):
+    @reported
+    def poll_progress(body, **_):
         if (progress := rec.poll_progress(body)) is not None:
             outcome = rec.reconcile(body, progress=progress)
-            patch.status.update(d.status_patch(body.get("status"), outcome.status))
+            _write_status(rec, body, outcome.status)
             _post(body, outcome)
 
     def refresher(kind: str):
@@ -101,16 +136,27 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
             owner = _owner_workspace(body)
             if owner is None or not rec.seen.changed(kind, body, deleted=type == "DELETED"):
                 return
-            ws = rec.get_workspace(*owner)
-            if ws is None or ws["metadata"].get("deletionTimestamp"):
-                return
+            last: list[dict] = []
+
+            def once() -> None:
+                try:
+                    ws = rec.get_workspace(*owner)  # read again on each attempt: a 409 means it changed
+                    if ws is None or ws["metadata"].get("deletionTimestamp"):
+                        return
+                    last[:] = [ws]
+                    outcome = rec.reconcile(ws)
+                    rec.write_status(*owner, ws.get("status"), outcome.status, ws["metadata"].get("resourceVersion"))
+                except _API_FAILURES as e:
+                    raise ApiCallFailed(api_error_text(e)) from e
+                _post(ws, outcome)
+
             try:
-                outcome = rec.reconcile(ws)
+                retry.call(once, attempts=REFRESH_ATTEMPTS)
             except Exception as e:  # noqa: BLE001 - reported here; the next event or the timer retries
-                _report_failure(rec, ws, e)
-                return
-            rec.write_status(*owner, ws.get("status"), outcome.status)
-            _post(ws, outcome)
+                if last:
+                    _report_failure(rec, last[0], e)
+                else:
+                    logs.failure(f"{owner[0]}/{owner[1]}", "OperatorError", d.clip(api_error_text(e)), e)
         refresh.__name__ = f"refresh_from_{kind.lower()}"  # kopf's handler id
         return refresh
 
@@ -127,7 +173,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
 def _failure_status(body, e: Exception) -> tuple[dict, dict, str, str]:
     """(previous status, new status, reason, message) after a reconcile of ``body`` raised ``e``."""
     reason = (getattr(e, "reason", None) if isinstance(e, KaitoError) else None) or "OperatorError"
-    message = d.clip(f"the operator failed to reconcile this workspace: {e}; it retries (see its log)")
+    message = d.clip(f"the operator failed to reconcile this workspace: {api_error_text(e)}; it retries (see its log)")
     prev = dict(body.get("status") or {})
     new = d.error_status(prev, inference="inference" in body, reason=reason, message=message,
                          generation=(body.get("metadata") or {}).get("generation"))
@@ -135,14 +181,17 @@ def _failure_status(body, e: Exception) -> tuple[dict, dict, str, str]:
 
 
 def _report_failure(rec: Reconciler, ws: dict, e: Exception) -> None:
-    """A failed reconcile outside the workspace's own handler: condition, Event and log line all the same."""
+    """A failed reconcile: a condition (if the workspace has not changed since it was read), an Event and a
+    log line."""
     prev, new, reason, message = _failure_status(ws, e)
     logs.failure(ws_key(ws), reason, message, e)
     kopf.event(ws, type="Warning", reason=reason, message=message)
     try:
-        rec.write_status(ws["metadata"].get("namespace") or "default", ws["metadata"]["name"], prev, new)
+        rec.write_status(ws["metadata"].get("namespace") or "default", ws["metadata"]["name"], prev, new,
+                         ws["metadata"].get("resourceVersion"))
     except Exception as again:  # noqa: BLE001 - the API server is the problem: the log line is what is left
-        logs.failure(ws_key(ws), "StatusWriteFailed", f"cannot write the failure to status: {d.clip(again)}", again)
+        logs.failure(ws_key(ws), "StatusWriteFailed", f"cannot write the failure to status: "
+                     f"{d.clip(api_error_text(again))}", again)
 
 
 def _owner_workspace(body) -> tuple[str, str] | None:

@@ -18,6 +18,8 @@ from kaito_tuning import redact
 
 log = logging.getLogger("kaito_tuning.operator")
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "", None, None))) | {"message", "asctime", "taskName"}
+# extra fields kept: plain data (kopf adds its whole OperatorSettings object to each of its lines: dropped)
+_PLAIN = (str, int, float, bool, type(None), list, dict)
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,7 +28,7 @@ class JsonFormatter(logging.Formatter):
                .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                "level": record.levelname, "logger": record.name, "message": redact.text(record.getMessage())}
         for key, value in vars(record).items():
-            if key not in _STANDARD and not key.startswith("_") and key not in out:
+            if key not in _STANDARD and not key.startswith("_") and key not in out and isinstance(value, _PLAIN):
                 out[key] = redact.text(value) if isinstance(value, str) else value
         if record.exc_info and record.exc_info[0] is not None:
             out["error"] = redact.text(f"{record.exc_info[0].__name__}: {record.exc_info[1]}")

@@ -38,6 +38,10 @@ from kaito_tuning.spec.training_config import CONFIG_KEY, TuningConfig, parse_co
 from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION, Workspace, parse_workspace
 
 DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
+# Every API request of the operator, ours (kubernetes client) and kopf's (handlers.configure), ends within
+# this many seconds: a request the API server never answers fails and is retried instead of holding a
+# worker (and the workspace) forever. The kubernetes client has no timeout unless given one per call.
+API_TIMEOUT_SECONDS = 30.0
 PROGRESS_DEADLINE_SECONDS = 3.0  # the whole /progress read, connect to last byte (a kopf worker waits for it)
 PROGRESS_MAX_BYTES = 1 << 16
 
@@ -67,6 +71,28 @@ def _parse_config(text: str, method: str, source: str) -> tuple[TuningConfig, tu
     return config, tuple(problems)
 
 
+class TimedApiClient(kubernetes.client.ApiClient):
+    """The kubernetes client with ``API_TIMEOUT_SECONDS`` on every call that does not set its own."""
+
+    def call_api(self, method, url, header_params=None, body=None, post_params=None, _request_timeout=None):
+        return super().call_api(method, url, header_params, body, post_params,
+                                _request_timeout=_request_timeout or API_TIMEOUT_SECONDS)
+
+
+def api_error_text(e: BaseException) -> str:
+    """One line for a failed API call: the status, reason and the API server's message, not the client's
+    dump of response headers and body (``str(ApiException)``)."""
+    if not isinstance(e, ApiException):
+        return " ".join(str(e).split())
+    reason, message = e.reason, ""
+    try:
+        answer = json.loads(e.body or "{}")
+        reason, message = answer.get("reason") or reason, answer.get("message") or ""
+    except (ValueError, TypeError, AttributeError):
+        pass
+    return " ".join(f"the API server answered {_api_status(e)} {reason or ''}{': ' if message else ''}{message}".split())
+
+
 def ws_key(body: dict) -> str:
     meta = body.get("metadata") or {}
     return f"{meta.get('namespace') or 'default'}/{meta.get('name')}"
@@ -78,6 +104,7 @@ class Reconciler:
     def __init__(self, settings: Settings, api_client=None):
         self.settings = settings
         self.seen = SeenObjects()
+        api_client = api_client or TimedApiClient()
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.apps = kubernetes.client.AppsV1Api(api_client)
@@ -136,10 +163,16 @@ class Reconciler:
                 return None
             raise
 
-    def write_status(self, namespace: str, name: str, previous: dict | None, status: dict) -> None:
-        """Replace the status (stale keys of ``previous`` set to null in the merge patch)."""
-        self.custom.patch_namespaced_custom_object_status(GROUP, STORAGE_VERSION, namespace, PLURAL, name,
-                                                          {"status": d.status_patch(previous, status)})
+    def write_status(self, namespace: str, name: str, previous: dict | None, status: dict,
+                     resource_version: str | None = None) -> None:
+        """Replace the status (stale keys of ``previous`` set to null in the merge patch). With
+        ``resource_version`` (that of the workspace the status was computed from), only if the workspace
+        has not changed since: the API server answers 409 otherwise, so a status computed from an older
+        read (a slow or retried write) never replaces a newer one."""
+        body = {"status": d.status_patch(previous, status)}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        self.custom.patch_namespaced_custom_object_status(GROUP, STORAGE_VERSION, namespace, PLURAL, name, body)
 
     def release(self, body: dict) -> None:
         """Delete the workspace's NodeClaim (on workspace deletion)."""

@@ -30,6 +30,7 @@ JOBS = "batch/v1/jobs"
 PUSH_SECRET = "acr-push"
 NAME = "ws"
 DIGEST = "sha256:" + "d" * 64
+PLANTED = "planted-Pa55word-7f3a"  # the push secret's password: must appear in no log line, status or Event
 # the resources a tuning workspace's reconcile may create, and the test's own (never the operator's)
 OWNED = ("v1/secrets", "v1/services", "v1/persistentvolumeclaims", "networking.k8s.io/v1/networkpolicies", JOBS)
 OPERATOR_ENV = {"KAITO_RETRY_DELAY_SECONDS": "0.5", "KAITO_PROGRESS_POLL_SECONDS": "60", "KAITO_LOG_LEVEL": "INFO",
@@ -49,7 +50,7 @@ def write_kubeconfig(path: Path, url: str, token: str) -> Path:
 # then runs the real entry point (``kaito_tuning.cli.main(["operator", ...])``) with its own environment
 # and log. The same code path as `kaito-tuning operator`, without paying ~3 s of imports per start.
 ZYGOTE = r"""
-import json, os, signal, sys
+import importlib, json, os, signal, sys
 import kopf, kubernetes
 import kaito_tuning.cli, kaito_tuning.controller.handlers, kaito_tuning.controller.admission
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
@@ -61,6 +62,9 @@ for line in sys.stdin:
         os.setsid()
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.environ.update(job["env"])
+        for target, value in job.get("setattr", {}).items():  # a test seam: module constants (timeouts)
+            module, _, attr = target.rpartition(".")
+            setattr(importlib.import_module(module), attr, value)
         # read at import by kubernetes.config (stack-notes 7.4): what it would have read in a fresh process
         kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION = job["env"]["KUBECONFIG"]
         fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -83,8 +87,9 @@ class Zygote:
                                      env={**os.environ, "PYTHONPATH": str(REPO)}, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
 
-    def spawn(self, argv: list[str], env: dict[str, str], log: Path) -> int:
-        self.proc.stdin.write(json.dumps({"argv": argv, "env": env, "log": str(log)}) + "\n")
+    def spawn(self, argv: list[str], env: dict[str, str], log: Path, setattr: dict | None = None) -> int:
+        job = {"argv": argv, "env": env, "log": str(log), "setattr": setattr or {}}
+        self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         return int(self.proc.stdout.readline())
 
@@ -108,8 +113,9 @@ class OperatorProcess:
     the emulator cannot serve) with its own token; killed, never asked to stop. ``namespace`` is where its
     writes are counted: each case has its own."""
 
-    def __init__(self, zygote: Zygote, kmock, tmp_path: Path, namespace: str, token: str):
+    def __init__(self, zygote: Zygote, kmock, tmp_path: Path, namespace: str, token: str, setattr: dict | None = None):
         self.zygote, self.kmock, self.namespace, self.token = zygote, kmock, namespace, token
+        self.setattr = setattr
         self.kubeconfig = write_kubeconfig(tmp_path / f"kubeconfig-{token}", kmock.url, token)
         self.log = tmp_path / f"operator-{token}.log"
         self.pid: int | None = None
@@ -117,7 +123,8 @@ class OperatorProcess:
 
     async def start(self) -> OperatorProcess:
         self.pid = self.zygote.spawn(["operator", "--standalone"],
-                                           {**OPERATOR_ENV, "KUBECONFIG": str(self.kubeconfig)}, self.log)
+                                           {**OPERATOR_ENV, "KUBECONFIG": str(self.kubeconfig)}, self.log,
+                                      self.setattr)
         return self
 
     def writes(self) -> list[dict]:
@@ -162,8 +169,8 @@ class OperatorProcess:
 
 
 @contextlib.asynccontextmanager
-async def operator(zygote: Zygote, kmock, tmp_path: Path, namespace: str, token: str):
-    op = await OperatorProcess(zygote, kmock, tmp_path, namespace, token).start()
+async def operator(zygote: Zygote, kmock, tmp_path: Path, namespace: str, token: str, setattr: dict | None = None):
+    op = await OperatorProcess(zygote, kmock, tmp_path, namespace, token, setattr).start()
     try:
         yield op
     finally:
@@ -185,7 +192,8 @@ async def create_workspace(namespace: str, name: str = NAME) -> None:
     core, custom = kubernetes.client.CoreV1Api(), kubernetes.client.CustomObjectsApi()
     await asyncio.to_thread(core.create_namespaced_secret, namespace, {
         "metadata": {"name": PUSH_SECRET}, "type": "kubernetes.io/dockerconfigjson",
-        "data": {".dockerconfigjson": base64.b64encode(b'{"auths": {}}').decode()}})
+        "data": {".dockerconfigjson": base64.b64encode(json.dumps({"auths": {"registry.example.com": {
+            "username": "u", "password": PLANTED}}}).encode()).decode()}})
     await asyncio.to_thread(custom.create_namespaced_custom_object, "kaito.sh", "v1beta1", namespace, "workspaces",
                             workspace(namespace, name))
 

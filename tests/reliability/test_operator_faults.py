@@ -15,12 +15,13 @@ import time
 
 import kubernetes
 import pytest
-from fixtures_k8s import Emulator, eventually, get_obj
+from fixtures_k8s import Emulator, Fault, eventually, get_obj
 from kubelet import PodSim, publish
 
 from .operator_faults import (
     JOBS,
     NAME,
+    PLANTED,
     WS,
     OperatorProcess,
     cond,
@@ -103,3 +104,55 @@ async def test_the_pod_finishes_while_the_operator_is_down(kmock, kubeconfig, tm
     assert st["tuning"]["output"] == result(ns) and cond(st, "WorkspaceSucceeded")["status"] == "True"
     assert get_obj(kmock, JOBS, ns, NAME)["metadata"]["uid"] == job["metadata"]["uid"]
     assert not ownership_problems(kmock, ns)
+
+
+# ---------------------------------------------------------------- the API server failing
+
+TIMEOUT = 1.5  # the operator's API request timeout in these tests (reconciler.API_TIMEOUT_SECONDS, set in one place)
+SEAM = {"kaito_tuning.controller.reconciler.API_TIMEOUT_SECONDS": TIMEOUT}
+F = "faulty"
+CASES = {
+    "500 on the Job create, 3 times": [Fault(Fault.on("create", JOBS, namespace=F, token="op"), 500, times=3)],
+    "503 on the Secret create twice, 500 on reading the Job twice": [
+        Fault(Fault.on("create", "v1/secrets", namespace=F, token="op"), 503, "ServiceUnavailable", times=2),
+        Fault(Fault.on("fetch", JOBS, namespace=F, token="op"), 500, times=2)],
+    "409 AlreadyExists for a Job create that was stored (the answer lost)": [
+        Fault(Fault.on("create", JOBS, namespace=F, token="op"), 409, "AlreadyExists", "jobs.batch \"ws\" already exists",
+              apply=True)],
+    "409 Conflict on the status patch, 3 times": [
+        Fault(Fault.on("update", WS, subresource="status", namespace=F, token="op"), 409, "Conflict",
+              "the object has been modified; please apply your changes to the latest version", times=3)],
+    "500 on the status patch, 3 times": [Fault(Fault.on("update", WS, subresource="status", namespace=F, token="op"), 500, times=3)],
+    "500 on the workspace patch (finalizer, kopf's state), twice": [
+        Fault(Fault.on("update", WS, namespace=F, token="op"), 500, times=2)],
+    "500 on the status patch that reports success, 3 times": [
+        Fault(lambda r: Fault.on("update", WS, subresource="status", namespace=F, token="op")(r)
+              and (r.data or {}).get("status", {}).get("state") == "Succeeded", 500, times=3)],
+    "the Job create held past the client's timeout, then stored": [
+        Fault(Fault.on("create", JOBS, namespace=F, token="op"), delay=TIMEOUT * 2)],
+    "reading the pods held forever, once": [Fault(Fault.on("list", "v1/pods", namespace=F, token="op"), delay=3600)],
+    "the status patch held forever, once": [Fault(Fault.on("update", WS, subresource="status", namespace=F, token="op"), delay=3600)],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_api_server_faults_then_recovery(kmock, kubeconfig, tmp_path, zygote, case):
+    faults = CASES[case]
+    for f in faults:
+        f.hits = 0
+    kmock.faults.extend(faults)
+    async with operator(zygote, kmock, tmp_path, F, "op", setattr=SEAM) as op:
+        await create_workspace("ref")
+        await create_workspace(F)
+        want = await run_pod_to_success(kmock, "ref")
+        got = await run_pod_to_success(kmock, F)
+        await eventually(lambda: [f.hits for f in faults] == [f.times for f in faults], 20)  # each one happened
+        await quiet(op.writes)
+        got = status(kmock, F)
+        assert normalized(got, F) == normalized(want, "ref")
+        assert inventory(kmock, F) == inventory(kmock, "ref")
+        assert not ownership_problems(kmock, F) and not job_deletes(kmock, F)
+    lines = op.log_lines()
+    text = op.log.read_text()
+    assert "Traceback" not in text and PLANTED not in text
+    print(case, len(lines), max(len(x) for x in text.splitlines()))
