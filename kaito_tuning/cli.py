@@ -91,6 +91,9 @@ def _adapters(p):
     p.add_argument("--auth-file", default=None, help="docker config.json for adapter images")
     p.add_argument("--plain-http", action="store_true", help="plain HTTP for adapter images")
     p.add_argument("--model-dir", default=None, help="use base-model weights from this directory")
+    p.add_argument("--weights-image", default=None, metavar="IMAGE",
+                   help="pull the base-model weights from this image (Kaito's model artifact or a model image); "
+                        "--auth-file and --plain-http apply to it too")
 
 
 def _chat(p):

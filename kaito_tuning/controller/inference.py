@@ -1,5 +1,6 @@
 """What an inference workspace becomes: a Deployment of the server (image adapters pulled by init
-containers into ``/mnt/adapter/<name>``, volume adapters mounted there) and a Service in front of it.
+containers into ``/mnt/adapter/<name>``, volume adapters mounted there; base weights from a weights image
+when ``presetOptions.image`` or the preset registry names one) and a Service in front of it.
 Pure functions, no API calls; the pieces every pod shares come from ``manifests.py``."""
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from kaito_tuning.controller.manifests import (
     _gpu_pod_spec,
     _gpu_resources,
     _model_env,
+    _weights_env,
+    base_weights_image,
     spec_hash,
     workspace_labels,
 )
@@ -63,8 +66,17 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
                 pull_args += ["--auth-file", PULL_SECRETS_DIR]
             init_containers.append(_container(f"pull-{src.name}", image, pull_args, list(_COMMON_ENV), mounts))
         server_mounts.append({"name": vol, "mountPath": path, "readOnly": True})
+    weights = base_weights_image(ws, settings)
+    if weights:  # the server pulls the base weights into the cache volume at start, as the tuning Job's download does
+        args += ["--weights-image", weights]
+        secrets = (inf.preset.preset_options or {}).get("imagePullSecrets") or []
+        if secrets:
+            volumes.append(_docker_config_volume("pull-weights", secrets))
+            server_mounts.append({"name": "pull-weights", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
+            args += ["--auth-file", PULL_SECRETS_DIR]
     args += ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]
-    server = _container("server", image, args, [*_COMMON_ENV, *_model_env(ws, inf.preset)], server_mounts,
+    server = _container("server", image, args, [*_COMMON_ENV, *_weights_env(weights), *_model_env(ws, inf.preset)],
+                        server_mounts,
                         resources=_gpu_resources(ws, cpu="2", memory="8Gi"))
     server["ports"] = [{"name": "http", "containerPort": SERVER_PORT, "protocol": "TCP"}]
     server["readinessProbe"] = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 10,

@@ -160,9 +160,9 @@ def _model_env(ws: Workspace, preset) -> list[dict]:
 
 
 def base_weights_image(ws: Workspace, settings: Settings) -> str | None:
-    """The image the tuning Job pulls the base weights from (``presetOptions.image``, else the operator's
-    preset registry + the preset's Kaito artifact), or None: the preset's own source (the hub)."""
-    t = ws.tuning
+    """The image the tuning Job (or the inference server) pulls the base weights from (``presetOptions.image``,
+    else the operator's preset registry + the preset's Kaito artifact), or None: the preset's own source (the hub)."""
+    t = ws.tuning or ws.inference
     if t is None or t.preset is None or not t.preset.name:
         return None
     try:

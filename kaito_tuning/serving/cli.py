@@ -26,7 +26,8 @@ def _engine(args):
     workdir = Path(tempfile.mkdtemp(prefix="kaito-adapters-"))
     try:
         yield load_engine(args.preset, adapters, model_dir=args.model_dir, workdir=workdir,
-                          auth_file=args.auth_file, plain_http=args.plain_http)
+                          auth_file=args.auth_file, plain_http=args.plain_http,
+                          weights_image=getattr(args, "weights_image", None))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

@@ -219,9 +219,11 @@ def attach_adapters(model, preset: Preset, adapters: list[Adapter]):
 
 
 def load_engine(preset_name: str | None, adapters: list[Adapter], *, model_dir: str | None = None,
-                workdir: Path, auth_file: str | None = None, plain_http: bool = False) -> Engine:
-    """Everything a server needs: adapters fetched and checked, base model loaded, adapters attached."""
-    from kaito_tuning.tuner.base_model import load_base, resolve_preset
+                workdir: Path, auth_file: str | None = None, plain_http: bool = False,
+                weights_image: str | None = None) -> Engine:
+    """Everything a server needs: adapters fetched and checked, base model loaded (from ``weights_image`` when
+    given: pulled into the weights cache first, as the tuning Job does), adapters attached."""
+    from kaito_tuning.tuner.base_model import load_base, local_weights, resolve_preset
 
     try:
         preset = resolve_preset(preset_name or DEFAULT_PRESET)
@@ -229,6 +231,8 @@ def load_engine(preset_name: str | None, adapters: list[Adapter], *, model_dir: 
         e.field = "--preset"
         raise
     prepare_adapters(adapters, preset, Path(workdir), auth_file=auth_file, plain_http=plain_http)
+    if weights_image and not model_dir:
+        model_dir = str(local_weights(preset, weights_image=weights_image, pull_auth=auth_file, plain_http=plain_http))
     model, tokenizer = load_base(preset, model_dir=model_dir)
     model = attach_adapters(model, preset, adapters)
     return Engine(model=model, tokenizer=tokenizer, base_name=preset.name, base_aliases=(preset.repo,),

@@ -371,6 +371,8 @@ def _validate_inference(ws: Workspace) -> list[Problem]:
             get_preset(inf.preset.name, purpose="inference")
         except UnknownPreset as e:
             p.append(Problem("inference.preset.name", str(e)))
+    if inf.preset is not None:
+        p += _preset_options_problems(inf.preset.preset_options or {}, "inference.preset.presetOptions")
     if len(inf.adapters) > MAX_ADAPTERS:
         p.append(Problem("inference.adapters", f"has {len(inf.adapters)} adapters; at most {MAX_ADAPTERS} are allowed"))
     seen: set[str] = set()

@@ -152,6 +152,46 @@ def test_inference_deployment_pulls_adapters_and_serves():
     assert svc["spec"]["ports"][0]["port"] == 80
 
 
+def test_inference_server_pulls_the_base_weights_from_the_weights_image():
+    """presetOptions.image on an inference workspace: the server pulls it into the cache volume at start (as the
+    tuning Job's download step does), with presetOptions.imagePullSecrets; else the preset registry's artifact."""
+    obj = yaml.safe_load(open("examples/inference/kaito_workspace_phi_3_with_adapters.yaml"))
+    obj["inference"]["preset"]["presetOptions"] = {"image": "mirror.example/kaito/phi3-weights:0.2.0",
+                                                   "imagePullSecrets": ["mirror-pull"]}
+    obj["metadata"]["namespace"] = "team-a"
+    ws = load_workspace(obj)
+    dep = inference.inference_deployment(ws, Settings(tuner_image="t:1"))
+    kubernetes_validate.validate(dep, "1.33.0", strict=True)
+    pod = dep["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    args = server["args"]
+    assert args[args.index("--weights-image") + 1] == "mirror.example/kaito/phi3-weights:0.2.0"
+    assert args[args.index("--auth-file") + 1] == "/mnt/pull-secrets"
+    assert {"name": "KAITO_WEIGHTS_DIR", "value": "/mnt/hf-cache/weights"} in server["env"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert [x["secret"]["name"] for x in vols["pull-weights"]["projected"]["sources"]] == ["mirror-pull"]
+    assert {"name": "pull-weights", "mountPath": "/mnt/pull-secrets", "readOnly": True} in server["volumeMounts"]
+
+    del obj["inference"]["preset"]["presetOptions"]
+    plain = inference.inference_deployment(load_workspace(obj), Settings(tuner_image="t:1"))
+    assert "--weights-image" not in plain["spec"]["template"]["spec"]["containers"][0]["args"]
+    mirrored = inference.inference_deployment(load_workspace(obj), Settings(tuner_image="t:1",
+                                                                            preset_registry="mcr.microsoft.com/aks/kaito"))
+    args = mirrored["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--weights-image") + 1] == "mcr.microsoft.com/aks/kaito/kaito-phi-3-mini-128k-instruct:0.2.0"
+    assert "--auth-file" not in args
+
+
+def test_a_bad_inference_weights_image_names_its_field(tmp_path, capsys):
+    obj = yaml.safe_load(open("examples/inference/kaito_workspace_phi_3_with_adapters.yaml"))
+    obj["inference"]["preset"]["presetOptions"] = {"image": "Bad Name:1"}
+    f = tmp_path / "ws.yaml"
+    f.write_text(yaml.safe_dump(obj))
+    assert cli.main(["validate", str(f)]) == 1  # validate: 1 = problems found
+    assert "inference.preset.presetOptions.image: image reference 'Bad Name:1' contains white space" in \
+        capsys.readouterr().out
+
+
 def test_render_cli(capsys):
     rc = cli.main(["render", "examples/fine-tuning/kaito_workspace_tuning_phi_3_with_configmap.yaml", "-n", "ml"])
     assert rc == 0

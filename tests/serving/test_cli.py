@@ -229,3 +229,43 @@ def test_serve_process(tiny_llama, zorblax, rival, tmp_path):
             proc.kill()
             proc.wait()
         proc.stdout.close()
+
+
+def test_serve_from_a_weights_image_without_the_hub(registry, tiny_llama, tmp_path):
+    """``serve --weights-image`` as the inference Deployment runs it: the base weights pulled from the registry
+    (Kaito's artifact shape) into the weights cache, the hub never asked, then served."""
+    from kaito_tuning.artifacts import cached_weights, push_weights
+
+    image = f"{registry.host}/models/served-weights:0.2.0"
+    push_weights(tiny_llama, image, auth_file=registry.auth_file, plain_http=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "weights"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "KAITO_WEIGHTS_DIR": str(cache)}
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "kaito-tuning"), "serve", "--weights-image", image,
+                             "--auth-file", registry.auth_file, "--plain-http", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if call(base, "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        status, answer = call(base, "/v1/chat/completions", {"model": PRESET, "max_tokens": 4,
+                                                             "messages": [{"role": "user", "content": QUESTION}]})
+        assert status == 200 and answer["choices"][0]["message"]["content"] is not None
+        assert cached_weights(image, cache) is not None
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+        log = proc.stdout.read()
+        proc.stdout.close()
+    assert "Traceback" not in log
