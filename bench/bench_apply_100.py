@@ -2,12 +2,12 @@
 emulator (kmock + tests/fixtures_k8s.Emulator) and time it twice, each against a fresh emulator:
 
 * apply only: no operator running (the cost of kubectl and the emulator alone);
-* with the operator (in-process, as in tests): until N Jobs exist; then every Job is checked
-  with ``kubernetes_validate.validate(job, '1.33.0', strict=True)`` (not timed).
+* with the operator: the shipped ``kaito-tuning operator`` with the Deployment's args, in its own process,
+  until N Jobs exist; its RSS is sampled every second; then every Job is checked with
+  ``kubernetes_validate.validate(job, '1.33.0', strict=True)`` (not timed).
 
-The emulator serves from its own process (as an API server would), so it does not share this
-process's event loop and GIL with the operator; the operator's time is what is measured, plus
-the emulator's answers. It also prints the API requests the run made, by verb and resource.
+The emulator serves from its own process (as an API server would); the operator's time is what is
+measured, plus the emulator's answers. It also prints the API requests the run made, by verb and resource.
 
     .venv/bin/python bench/bench_apply_100.py [N] [--runs R] [--no-baseline] [--latency-ms MS]
 """
@@ -117,6 +117,8 @@ def _documents(n: int) -> str:
     docs = []
     for i in range(n):
         base["metadata"]["name"] = f"bench-{i:03d}"
+        # one output image per workspace: two workspaces pushing to one image are refused (OutputImageConflict)
+        base["tuning"]["output"]["image"] = f"registry.example.com/bench/adapter-{i:03d}:0.0.1"
         docs.append(yaml.safe_dump(base))
     return "---\n".join(docs)
 
@@ -133,28 +135,87 @@ async def apply_only(n: int, latency: float) -> float:
         return time.perf_counter() - t0
 
 
-async def with_operator(n: int, latency: float) -> tuple[float, float, collections.Counter]:
-    """(seconds until N Jobs exist, of which the kubectl apply, requests made) with the operator running."""
-    import kubernetes_validate
-    from fixtures_k8s import kubectl, running_operator
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
 
-    from kaito_tuning.controller.settings import Settings
+
+@contextlib.asynccontextmanager
+async def operator_process(tmp: str):
+    """The shipped operator: ``kaito-tuning operator`` with the Deployment's args, its own process (its RSS is
+    the operator's alone). Yields the process once kopf has started (its liveness endpoint answers)."""
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(Path(tmp) / "operator.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "kaito-tuning"), "operator", "--standalone",
+                             "--liveness", f"http://127.0.0.1:{port}/healthz"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (Path(tmp) / "operator.log").read_text()[-2000:]
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).read()
+                break
+            assert time.monotonic() < deadline, "the operator did not start within 60 s"
+            await asyncio.sleep(0.2)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def with_operator(n: int, latency: float) -> dict:
+    """The apply with the operator running, until N Jobs exist: seconds in all, when kubectl returned, when the
+    last Job appeared, the operator's RSS over time, the API requests made."""
+    import kubernetes_validate
+    from fixtures_k8s import kubectl
 
     with EmulatorProcess(latency) as emu, tempfile.TemporaryDirectory() as tmp:
         _use_cluster(emu.url, tmp)
         docs = _documents(n)
-        async with running_operator(Settings()):
+        async with operator_process(tmp) as proc:
+            rss = [(0.0, _rss_mib(proc.pid))]
             t0 = time.perf_counter()
-            await kubectl("apply", "-f", "-", input=docs, timeout=600)
-            applied = time.perf_counter() - t0
-            while await asyncio.to_thread(emu.ask, "count_jobs") < n:
+            apply = asyncio.create_task(kubectl("apply", "-f", "-", input=docs, timeout=1200))
+            applied = None
+            count, last_change, seen = 0, t0, 0
+            while count < n:
                 await asyncio.sleep(0.05)
+                now = time.perf_counter()
+                if applied is None and apply.done():
+                    await apply
+                    applied = now - t0
+                count = await asyncio.to_thread(emu.ask, "count_jobs")
+                if count != seen:
+                    seen, last_change = count, now
+                if now - rss[-1][0] - t0 >= 1.0:
+                    rss.append((now - t0, _rss_mib(proc.pid)))
+                assert now - last_change < 120, f"stuck at {count} of {n} Jobs for 120 s"
             elapsed = time.perf_counter() - t0
+            if applied is None:
+                await apply
+                applied = time.perf_counter() - t0
+            await asyncio.sleep(2)  # settled: status writes after the last Job
+            rss.append((time.perf_counter() - t0, _rss_mib(proc.pid)))
         jobs = emu.ask("jobs")
         assert len(jobs) == n, f"{len(jobs)} jobs for {n} workspaces"
         for job in jobs:
             kubernetes_validate.validate(job, "1.33.0", strict=True)
-        return elapsed, applied, emu.ask("requests")
+        return {"seconds": elapsed, "applied": applied, "rss": rss, "requests": emu.ask("requests")}
 
 
 def main() -> int:
@@ -171,10 +232,17 @@ def main() -> int:
         if not args.no_baseline:
             base.append(asyncio.run(apply_only(args.n, latency)))
             print(f"run {run + 1}: apply only (no operator): {base[-1]:.2f} s", flush=True)
-        secs, applied, requests = asyncio.run(with_operator(args.n, latency))
-        full.append(secs)
-        print(f"run {run + 1}: {args.n} workspaces -> {args.n} valid Jobs in {secs:.2f} s "
-              f"(kubectl apply returned after {applied:.2f} s); {sum(requests.values())} API requests", flush=True)
+        r = asyncio.run(with_operator(args.n, latency))
+        full.append(r["seconds"])
+        requests = r["requests"]
+        total = sum(requests.values())
+        print(f"run {run + 1}: {args.n} workspaces -> {args.n} valid Jobs in {r['seconds']:.2f} s; kubectl apply "
+              f"returned after {r['applied']:.2f} s, the last Job {r['seconds'] - r['applied']:+.2f} s after it; "
+              f"{total} API requests ({total / args.n:.1f} per workspace, kubectl's included)", flush=True)
+        curve = r["rss"]
+        step = max(1, len(curve) // 12)
+        print("  operator RSS MiB over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in curve[::step] + curve[-1:])
+              + f"; peak {max(m for _, m in curve):.0f} MiB", flush=True)
     print("requests of the last run:", ", ".join(f"{k}: {v}" for k, v in requests.most_common()))
     for label, xs in (("apply only", base), ("with operator", full)):
         if xs:
