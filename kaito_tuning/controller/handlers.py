@@ -59,6 +59,8 @@ def _write_status(rec: Reconciler, body, new: dict) -> None:
     a newer status) and only onto the workspace it was computed from (its resourceVersion). A 409: the
     workspace changed meanwhile; kopf runs the handler again on the new one."""
     meta = body["metadata"]
+    if dict(body.get("status") or {}) == new:
+        return  # nothing to change (a blocker re-checked every retry_delay_seconds)
     try:
         rec.write_status(meta.get("namespace") or "default", meta["name"], body.get("status"), new,
                          meta.get("resourceVersion"))

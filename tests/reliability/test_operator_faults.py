@@ -15,7 +15,7 @@ import time
 
 import kubernetes
 import pytest
-from fixtures_k8s import Emulator, Fault, eventually, get_obj
+from fixtures_k8s import Emulator, Fault, eventually, get_obj, list_objs
 from kubelet import PodSim, publish
 
 from .operator_faults import (
@@ -152,7 +152,50 @@ async def test_api_server_faults_then_recovery(kmock, kubeconfig, tmp_path, zygo
         assert normalized(got, F) == normalized(want, "ref")
         assert inventory(kmock, F) == inventory(kmock, "ref")
         assert not ownership_problems(kmock, F) and not job_deletes(kmock, F)
-    lines = op.log_lines()
+    op.log_lines()  # every line one JSON object
     text = op.log.read_text()
     assert "Traceback" not in text and PLANTED not in text
-    print(case, len(lines), max(len(x) for x in text.splitlines()))
+    assert PLANTED not in json.dumps([list_objs(kmock, "v1/events"), status(kmock, F)])
+    assert max(len(line) for line in text.splitlines()) < 2000  # no dump of responses or settings
+
+
+async def test_409_on_the_job_create_for_a_job_someone_else_made_meanwhile_is_reported(kmock, kubeconfig, tmp_path,
+                                                                                       zygote):
+    """The operator reads no Job (the read is held, then answers 404), someone else creates one of that name
+    meanwhile, the operator's create answers 409 AlreadyExists: not adopted, not deleted, shown in status."""
+    held = Fault(Fault.on("fetch", JOBS, namespace=F, token="op"), 404, "NotFound", 'jobs.batch "ws" not found',
+                 delay=1.0)
+    kmock.faults.append(held)
+    foreign = {"apiVersion": "batch/v1", "kind": "Job",
+               "metadata": {"name": NAME, "namespace": F, "labels": {"kaito.sh/workspace": NAME}},
+               "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": "busybox"}]}}}}
+    async with operator(zygote, kmock, tmp_path, F, "op", setattr=SEAM) as op:
+        await create_workspace(F)
+        await eventually(lambda: held.hits == 1, 20, 0.01)
+        await asyncio.to_thread(kubernetes.client.BatchV1Api().create_namespaced_job, F, foreign)
+        uid = get_obj(kmock, JOBS, F, NAME)["metadata"]["uid"]
+        st = await eventually(lambda: cond(status(kmock, F), "WorkspaceSucceeded").get("reason") == "JobConflict"
+                              and status(kmock, F), 20)
+        assert "not owned by this workspace" in cond(st, "WorkspaceSucceeded")["message"]
+        await asyncio.sleep(2)  # it re-checks every retry_delay_seconds: still nothing done to the Job
+    job = get_obj(kmock, JOBS, F, NAME)
+    assert job["metadata"]["uid"] == uid and not job["metadata"].get("ownerReferences")  # untouched, not adopted
+    assert not [w for w in op.writes() if w["resource"] == JOBS and w["action"] != "create"]
+    assert "Traceback" not in op.log.read_text()
+
+
+def test_every_api_request_of_the_operator_has_a_timeout():
+    """The kubernetes client waits forever unless told otherwise; kopf waits 5 minutes by default."""
+    from kaito_tuning.controller import reconciler
+    from kaito_tuning.controller.settings import Settings
+
+    rec = reconciler.Reconciler(Settings())
+    assert 0 < reconciler.API_TIMEOUT_SECONDS <= 60
+    for api in (rec.core, rec.batch, rec.apps, rec.custom, rec.networking):
+        assert isinstance(api.api_client, reconciler.TimedApiClient)
+    seen = []
+    api = rec.core.api_client
+    api.rest_client.request = lambda *a, _request_timeout=None, **k: seen.append(_request_timeout) or 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        rec.core.read_namespaced_config_map("x", "default")
+    assert seen == [reconciler.API_TIMEOUT_SECONDS]
