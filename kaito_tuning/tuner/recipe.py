@@ -2,13 +2,13 @@
 
 Each ConfigMap section goes to its real class (``config.py``): ModelConfig to ``from_pretrained``,
 QuantizationConfig to ``BitsAndBytesConfig``, LoraConfig to ``peft.LoraConfig``, TrainingArguments
-to ``trl.SFTConfig``. Around the user's values the recipe sets what the hardware needs:
+to ``trl.SFTConfig``. Around the user's values the recipe sets what the device needs, as ``hardware.py``
+decides it from what the device reports (each choice with its reason, logged and recorded in the metadata):
 
-- CPU: float32, ``use_cpu``, no gradient checkpointing, no packing (plain and predictable).
-- GPU: bfloat16 (float16 on V100/T4), gradient checkpointing, and packing (best-fit decreasing,
-  padding-free) with ``flex_attention``, whose block mask keeps each packed sequence to itself at
-  per-sequence cost. SDPA would build a dense mask over the whole pack (quadratic cost; see
-  docs/benchmarks.md), so packing is not the default with it.
+- CPU: float32, ``use_cpu``, no gradient checkpointing, no packing, 1 row x 8 accumulation steps.
+- GPU: bfloat16 (float16 on V100/T4), packing (best-fit decreasing, padding-free) with ``flex_attention``
+  from sm80 (SDPA without packing before), gradient checkpointing only where the activations would not
+  fit without it, and as many rows per step as the free memory holds, the global batch kept.
 
 Loss masks are TRL's: assistant tokens only for chat data when the chat template is (or can be patched
 to be) training-compatible, else the final assistant turn as a completion; completion tokens only for
@@ -36,8 +36,8 @@ from kaito_tuning import redact
 from kaito_tuning.contract import ADAPTER_CONFIG, ENV_PARALLELISM, METADATA_FILE
 from kaito_tuning.errors import OutOfMemoryError, UserError
 from kaito_tuning.spec.training_config import TuningConfig
-from kaito_tuning.tuner import dataprep, distributed
-from kaito_tuning.tuner.base_model import load_base, model_dir_from_config, resolve_dtype, resolve_preset
+from kaito_tuning.tuner import dataprep, distributed, hardware
+from kaito_tuning.tuner.base_model import load_base, model_dir_from_config, resolve_preset
 from kaito_tuning.tuner.checkpoints import (
     CHECKPOINTS,
     checkpoint_is_final,
@@ -61,8 +61,6 @@ log = logging.getLogger(__name__)
 
 #: the prepared data's cache, under the output directory (hidden: never pushed with the adapter)
 DATAPREP_CACHE = ".cache"
-#: attention implementations that keep packed sequences apart without a dense mask
-PACKING_ATTENTION = ("flex_attention", "flash_attention_2", "flash_attention_3")
 
 
 @dataclass
@@ -107,11 +105,9 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
 
     # ---- 1. hardware and the base model
     mcfg = config.model()
-    dtype = resolve_dtype(mcfg.dtype or mcfg.torch_dtype)
-    if not on_gpu and dtype != torch.float32:
-        log.info("CPU run: training in float32 (ModelConfig asks for %s, which CPUs run slowly)", dtype)
-        dtype = torch.float32
-    attn = mcfg.attn_implementation or ("flex_attention" if on_gpu else "sdpa")
+    hw = hardware.choose(hardware.read_device(), user_args, dtype=mcfg.dtype or mcfg.torch_dtype,
+                         attn=mcfg.attn_implementation)
+    dtype, attn = getattr(torch, hw.dtype), hw.attention
     if progress:
         progress.update(phase="loading")
     parallelism = distributed.parallelism(os.environ.get(ENV_PARALLELISM), on_gpu)  # the operator's (spec/memory.py)
@@ -133,13 +129,17 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     except ValueError as e:  # the architecture has no flex_attention support
         if mcfg.attn_implementation or "attn" not in str(e).lower():
             raise
-        log.warning("%s is not supported by this model (%s); using sdpa without packing", attn, e)
-        attn = "sdpa"
+        hw = hardware.without_flex(hw, str(e).splitlines()[0], user_args)
+        attn = hw.attention
         model, tokenizer = load(attn)
-    packing = bool(user_args.get("packing", on_gpu and attn in PACKING_ATTENTION))
-    if packing and attn not in PACKING_ATTENTION:
-        log.warning("packing with attn_implementation=%s builds a dense mask over each whole pack (slow); "
-                    "flex_attention keeps the cost per sequence", attn)
+    # gradient checkpointing and rows per step from the memory left free once the weights are in place
+    kernels = gpu_kernels(on_gpu, user_args)
+    hw = hardware.size_batch(hw, hardware.read_device(),
+                             hardware.model_shape(model.config, p.parameters_b * 1e9, config.quantized), user_args,
+                             lora=config.section("LoraConfig"), liger=bool({**user_args, **kernels}.get("use_liger_kernel")))
+    for line in hw.log_lines():
+        log.info("hardware: %s", line)
+    packing = hw.packing
     if mcfg.chat_template:
         tokenizer.chat_template = _read_template(mcfg.chat_template)
 
@@ -150,12 +150,11 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     lora = LoraConfig(**lora_arguments(p.target_modules, config.section("LoraConfig")))
 
     # ---- 4. SFTConfig: hardware defaults < the ConfigMap < what this run must have
-    sft_args = training_arguments(user_args, ckpt_dir=ckpt_dir, on_gpu=on_gpu, dtype=dtype, packing=packing,
-                                  has_eval=data.eval is not None, loss_mask=loss_mask, seed=seed,
-                                  max_steps=max_steps, show_progress=show_progress)
+    sft_args = training_arguments(user_args, ckpt_dir=ckpt_dir, plan=hw, has_eval=data.eval is not None,
+                                  loss_mask=loss_mask, seed=seed, max_steps=max_steps, show_progress=show_progress)
     sft_args.update({k: v for k, v in distributed.fsdp_arguments(parallelism, config.quantized).items()
                      if k not in user_args})
-    sft_args.update(gpu_kernels(on_gpu, user_args))
+    sft_args.update(kernels)
     callbacks = []
     if progress:
         from kaito_tuning.tuner.progress import make_callback
@@ -219,7 +218,7 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         else lora.target_modules,
         "quantization": quant or None, "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
         "packing": packing, "loss_mask": loss_mask, "data_formats": data.formats,
-        "liger_kernel": bool(sft_args.get("use_liger_kernel")),
+        "liger_kernel": bool(sft_args.get("use_liger_kernel")), "hardware": hw.metadata(),
         "datasets": [{"name": f.name, "url": redact.url(f.url) if f.url else None, "sha256": f.sha256, "size": f.size}
                      for f in data.files],
         "dataset_digests": [f"sha256:{f.sha256}" for f in data.files],
@@ -265,7 +264,8 @@ def out_of_memory_is_fatal():
     except torch.OutOfMemoryError as e:
         raise OutOfMemoryError(
             f"the GPU ran out of memory ({str(e).splitlines()[0]}); lower TrainingArguments."
-            "per_device_train_batch_size or max_length, use method qlora, or a GPU with more memory") from None
+            "per_device_train_batch_size or max_length, set gradient_checkpointing: true, use method qlora, "
+            "or a GPU with more memory") from None
 
 
 def loss_mask_for(data: Splits, tokenizer) -> str:
@@ -354,25 +354,21 @@ def lora_arguments(preset_modules, user: dict) -> dict:
     return args
 
 
-def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packing: bool, has_eval: bool,
-                       loss_mask: str, seed: int, max_steps: int | None, show_progress: bool) -> dict:
-    """SFTConfig keyword arguments."""
-    import torch
-
+def training_arguments(user: dict, *, ckpt_dir: Path, plan: hardware.Plan, has_eval: bool, loss_mask: str,
+                       seed: int, max_steps: int | None, show_progress: bool) -> dict:
+    """SFTConfig keyword arguments: defaults < the device's plan < the ConfigMap < what this run must have.
+    No per-step cache flush: ``torch_empty_cache_steps`` is the ConfigMap's alone."""
     args = {
         "report_to": "none", "logging_steps": 10, "save_strategy": "steps", "save_steps": 200,
-        "save_total_limit": 2, "seed": seed, "data_seed": seed, "gradient_checkpointing": on_gpu,
-        "packing": packing, "packing_strategy": "bfd",
-        "eval_strategy": "no",
+        "save_total_limit": 2, "seed": seed, "data_seed": seed, "packing_strategy": "bfd",
+        "eval_strategy": "no", **plan.defaults(),
     }
-    if "per_device_train_batch_size" not in user and "gradient_accumulation_steps" not in user:
-        # 8 rows per optimizer step either way. On a CPU one row at a time is faster and 6x smaller in memory:
-        # SmolLM2's 8-row logits (49k vocabulary) thrash the caches (bench/bench_recipes.py, docs/benchmarks.md)
-        args.update(per_device_train_batch_size=8 if on_gpu else 1, gradient_accumulation_steps=1 if on_gpu else 8)
-    args["per_device_eval_batch_size"] = user.get("per_device_train_batch_size", args.get("per_device_train_batch_size", 8))
     if has_eval:
         args.update(eval_strategy="steps", eval_steps=user.get("save_steps", 200))
     args.update({k: v for k, v in user.items() if k != "output_dir"})
+    # the batch the plan sized (from the ConfigMap's global batch); on a CPU, what a CPU must have
+    args.update(plan.overrides())
+    args.setdefault("per_device_eval_batch_size", args.get("per_device_train_batch_size", 8))
     args["output_dir"] = str(ckpt_dir)
     args["disable_tqdm"] = not show_progress
     if distributed.world_size() > 1:
@@ -389,13 +385,6 @@ def training_arguments(user: dict, *, ckpt_dir: Path, on_gpu: bool, dtype, packi
         args["max_steps"] = max_steps
     if not has_eval:
         args["eval_strategy"] = "no"
-    if on_gpu:
-        args.setdefault("bf16", dtype == torch.bfloat16)
-        args.setdefault("fp16", dtype == torch.float16)
-    else:
-        if user.get("gradient_checkpointing") or user.get("packing"):
-            log.info("CPU run: gradient checkpointing and packing are off")
-        args.update(use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False, packing=False)
     return args
 
 

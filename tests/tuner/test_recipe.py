@@ -133,27 +133,44 @@ def test_chat_template_without_generation_markers_trains_on_last_turn(tiny_llama
 
 
 def test_training_arguments_cpu_defaults_and_passthrough(tmp_path):
-    import torch
+    from kaito_tuning.tuner import hardware
+    from kaito_tuning.tuner.hardware import Device, ModelShape
+
+    cpu, h100 = Device("CPU (2 cores)", None), Device("NVIDIA H100 80GB HBM3", (9, 0), 80 << 30, 79 << 30)
+    phi3 = ModelShape(3072, 32, 32064, 3.82e9, quantized=True, intermediate_size=8192)
+
+    def plan(device, user):
+        return hardware.plan(device, phi3, user, lora={"r": 16, "lora_dropout": 0.05})
+
     user = {"per_device_train_batch_size": 2, "gradient_checkpointing": True, "packing": True,
             "lr_scheduler_type": "constant", "output_dir": "/mnt/results", "save_steps": 7}
-    a = training_arguments(user, ckpt_dir=tmp_path, on_gpu=False, dtype=torch.float32, packing=True,
-                           has_eval=True, loss_mask="assistant_only", seed=3, max_steps=5, show_progress=False)
+    a = training_arguments(user, ckpt_dir=tmp_path, plan=plan(cpu, user), has_eval=True, loss_mask="assistant_only",
+                           seed=3, max_steps=5, show_progress=False)
     assert a["use_cpu"] and not a["bf16"] and not a["gradient_checkpointing"] and not a["packing"]
     assert a["lr_scheduler_type"] == "constant" and a["output_dir"] == str(tmp_path) and a["max_steps"] == 5
     assert a["assistant_only_loss"] and a["eval_strategy"] == "steps" and a["eval_steps"] == 7
-    g = training_arguments({}, ckpt_dir=tmp_path, on_gpu=True, dtype=torch.bfloat16, packing=True,
-                           has_eval=False, loss_mask="completion_only", seed=3, max_steps=None, show_progress=True)
-    assert g["bf16"] and not g["fp16"] and g["gradient_checkpointing"] and g["packing"]
+    g = training_arguments({}, ckpt_dir=tmp_path, plan=plan(h100, {}), has_eval=False, loss_mask="completion_only",
+                           seed=3, max_steps=None, show_progress=True)
+    # the plan's choices on an H100 (tests/tuner/test_hardware.py): bf16, packed, no gradient checkpointing
+    assert g["bf16"] and not g["fp16"] and not g["gradient_checkpointing"] and g["packing"]
     assert g["packing_strategy"] == "bfd" and g["completion_only_loss"] and g["eval_strategy"] == "no"
-    # 8 rows per step unless the config says otherwise: all at once on a GPU, one at a time on a CPU
     assert (g["per_device_train_batch_size"], g["gradient_accumulation_steps"]) == (8, 1)
-    c = training_arguments({}, ckpt_dir=tmp_path, on_gpu=False, dtype=torch.float32, packing=False,
-                           has_eval=False, loss_mask="all_tokens", seed=3, max_steps=None, show_progress=False)
+    assert "torch_empty_cache_steps" not in g  # no per-step cache flush
+    # the ConfigMap's own settings win over the plan's defaults
+    mine = {"gradient_checkpointing": True, "bf16": False, "torch_empty_cache_steps": 4}
+    m = training_arguments(mine, ckpt_dir=tmp_path, plan=plan(h100, mine), has_eval=False, loss_mask="all_tokens",
+                           seed=3, max_steps=None, show_progress=False)
+    assert m["gradient_checkpointing"] and not m["bf16"] and m["torch_empty_cache_steps"] == 4
+    # 8 rows per step unless the config says otherwise: one at a time on a CPU
+    c = training_arguments({}, ckpt_dir=tmp_path, plan=plan(cpu, {}), has_eval=False, loss_mask="all_tokens",
+                           seed=3, max_steps=None, show_progress=False)
     assert (c["per_device_train_batch_size"], c["gradient_accumulation_steps"]) == (1, 8)
+    assert not c["gradient_checkpointing"] and not c["packing"] and c["use_cpu"]
     assert (a["per_device_train_batch_size"], a.get("gradient_accumulation_steps", 1)) == (2, 1)
     assert a["per_device_eval_batch_size"] == 2
     from trl import SFTConfig
     SFTConfig(**{**a, "output_dir": str(tmp_path)})  # the real class accepts every key
+    SFTConfig(**{**g, "output_dir": str(tmp_path), "bf16": False})  # (no bf16 on this CPU)
 
 
 def test_lora_arguments():
