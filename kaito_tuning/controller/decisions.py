@@ -116,6 +116,20 @@ def _order(obj: dict) -> tuple[str, int, str, str]:
             meta.get("name") or "")
 
 
+def output_image_claim(obj: dict) -> tuple[str, dict] | None:
+    """(image key, what ``output_image_owner`` reads of this workspace) for the operator's in-memory index of
+    output images (so a reconcile does not list every workspace of the cluster), or None without an image."""
+    image = _output_image(obj)
+    if image is None:
+        return None
+    meta = obj.get("metadata") or {}
+    job = ((obj.get("status") or {}).get("tuning") or {}).get("jobName")
+    return image_key(image), {
+        "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "creationTimestamp", "deletionTimestamp")
+                     if meta.get(k) is not None},
+        "tuning": {"output": {"image": image}}, "status": {"tuning": {"jobName": job} if job else {}}}
+
+
 def output_image_owner(obj: dict, workspaces: list[dict]) -> str | None:
     """``namespace/name`` of the workspace before ``obj`` that pushes to the same image, or None.
 

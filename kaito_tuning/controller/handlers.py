@@ -107,12 +107,18 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
         settings.networking.request_timeout = reconciler.API_TIMEOUT_SECONDS  # kopf's default: 5 minutes
         settings.networking.connect_timeout = reconciler.API_TIMEOUT_SECONDS
 
+    @kopf.index(*wsres, registry=registry, id="output_images")  # the kwarg name handlers receive it by
+    def output_images(body, **_):
+        """Which workspaces push to which image, kept from the watch (a reconcile must not list them all)."""
+        claim = d.output_image_claim(dict(body))
+        return dict([claim]) if claim else None
+
     @kopf.on.resume(*wsres, registry=registry)
     @kopf.on.create(*wsres, registry=registry)
     @kopf.on.update(*wsres, registry=registry)
     @reported
-    def reconcile_workspace(body, **_):
-        outcome = rec.reconcile(body)
+    def reconcile_workspace(body, output_images=None, **_):
+        outcome = rec.reconcile(body, images=output_images)
         _write_status(rec, body, outcome.status)
         _post(body, outcome)
         if outcome.retry_after:
@@ -127,14 +133,14 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
                 when=lambda status, **_: status.get("state") == st.RUNNING and
                 (status.get("tuning") or {}).get("stage") == "training")
     @reported
-    def poll_progress(body, **_):
+    def poll_progress(body, output_images=None, **_):
         if (progress := rec.poll_progress(body)) is not None:
-            outcome = rec.reconcile(body, progress=progress)
+            outcome = rec.reconcile(body, progress=progress, images=output_images)
             _write_status(rec, body, outcome.status)
             _post(body, outcome)
 
     def refresher(kind: str):
-        def refresh(body, type, **_):
+        def refresh(body, type, output_images=None, **_):
             owner = _owner_workspace(body)
             if owner is None or not rec.seen.changed(kind, body, deleted=type == "DELETED"):
                 return
@@ -146,7 +152,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
                     if ws is None or ws["metadata"].get("deletionTimestamp"):
                         return
                     last[:] = [ws]
-                    outcome = rec.reconcile(ws)
+                    outcome = rec.reconcile(ws, images=output_images)
                     rec.write_status(*owner, ws.get("status"), outcome.status, ws["metadata"].get("resourceVersion"))
                 except _API_FAILURES as e:
                     raise ApiCallFailed(api_error_text(e)) from e

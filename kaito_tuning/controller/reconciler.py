@@ -113,7 +113,10 @@ class Reconciler:
 
     # ---------------------------------------------------------------- entry points
 
-    def reconcile(self, body: dict, progress: dict | None = None) -> Outcome:
+    def reconcile(self, body: dict, progress: dict | None = None, images=None) -> Outcome:
+        """The workspace's status (and the objects it needs) now. ``images``: the operator's index of output
+        images (image key -> the workspaces pushing there, ``decisions.output_image_claim``); without it the
+        output-image check lists every workspace."""
         obj = json.loads(json.dumps(dict(body)))  # plain dicts, no kopf views
         prev = obj.get("status") or {}
         gen = (obj.get("metadata") or {}).get("generation")
@@ -128,7 +131,7 @@ class Reconciler:
         elif ws.inference is not None:
             outcome = self._inference(ws, obj, prev, gen)
         else:
-            outcome = self._tuning(ws, obj, prev, gen, progress)
+            outcome = self._tuning(ws, obj, prev, gen, progress, images)
         outcome.events = d.events(prev, outcome.status)
         for e in outcome.events:
             logs.decision(ws_key(obj), "phase", e["message"], reason=e["reason"], state=outcome.status.get("state"))
@@ -181,7 +184,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- tuning
 
-    def _tuning(self, ws: Workspace, obj: dict, prev: dict, gen, progress) -> Outcome:
+    def _tuning(self, ws: Workspace, obj: dict, prev: dict, gen, progress, images=None) -> Outcome:
         ns, name, key = ws.namespace, ws.name, ws_key(obj)
         ws_uid = obj["metadata"].get("uid")
         prev_t = prev.get("tuning") or {}
@@ -212,7 +215,7 @@ class Reconciler:
             if blocker is None and not ready:
                 blocker = {"reason": reason, "message": message}
         if blocker is None and job is None and ws.tuning.output.image:
-            blocker = self._output_image_conflict(ws, obj)
+            blocker = self._output_image_conflict(ws, obj, images)
 
         if job is None and finished_before:
             logs.decision(key, "keep-finished", "the finished run's job was deleted; its result is kept")
@@ -359,9 +362,12 @@ class Reconciler:
             patch(meta["name"], meta["namespace"], {k: want[k] for k in ("stringData", "data") if k in want})
         return None
 
-    def _output_image_conflict(self, ws: Workspace, obj: dict) -> dict | None:
+    def _output_image_conflict(self, ws: Workspace, obj: dict, images=None) -> dict | None:
         """OutputImageConflict when a workspace created earlier pushes to the same repository:tag."""
-        items = self.custom.list_cluster_custom_object(GROUP, STORAGE_VERSION, PLURAL).get("items") or []
+        if images is not None:
+            items = list(images.get(d.image_key(ws.tuning.output.image), ()))
+        else:
+            items = self.custom.list_cluster_custom_object(GROUP, STORAGE_VERSION, PLURAL).get("items") or []
         first = d.output_image_owner(obj, items)
         if first is None:
             return None

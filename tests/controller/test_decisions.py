@@ -251,3 +251,35 @@ def test_progress_read_has_one_deadline_and_follows_no_redirect(server):
     mode["kind"] = "huge"
     with pytest.raises(ValueError, match="larger than"):
         read_progress("127.0.0.1", port)
+
+
+def _pushing(name, image, created, *, job=None, deleting=False, ns="default"):
+    meta = {"name": name, "namespace": ns, "uid": f"uid-{name}", "creationTimestamp": created, "generation": 3,
+            "labels": {"a": "b"}, "annotations": {"big": "x" * 1000}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-12-01T00:00:09Z"
+    return {"apiVersion": "kaito.sh/v1beta1", "kind": "Workspace", "metadata": meta,
+            "resource": {"instanceType": "Standard_NC6s_v3"},
+            "tuning": {"preset": {"name": "phi-3-mini-128k-instruct"}, "method": "lora",
+                       "output": {"image": image, "imagePushSecret": "s"}},
+            "status": {"tuning": {"jobName": job}} if job else {}}
+
+
+def test_the_output_image_index_decides_as_the_full_list_does():
+    """The operator keeps an index of output_image_claim(...) from its watch instead of listing every workspace
+    on each reconcile: the owner found from the claims must be the one found from the whole objects."""
+    img = "reg.example.com/team/adapter:1"
+    me = _pushing("late", "REG.example.com/team/adapter:1", "2026-12-01T00:00:05Z")
+    others = [_pushing("first", img, "2026-12-01T00:00:01Z", deleting=True),
+              _pushing("second", img, "2026-12-01T00:00:03Z"),
+              _pushing("same-second", img, "2026-12-01T00:00:03Z", job="same-second"),
+              _pushing("other-tag", "reg.example.com/team/adapter:2", "2026-12-01T00:00:00Z"),
+              _pushing("later", img, "2026-12-01T00:00:07Z"), me]
+    claims = [d.output_image_claim(o) for o in others]
+    same = [c for k, c in claims if k == d.image_key(me["tuning"]["output"]["image"])]
+    assert len(same) == 5 and all("annotations" not in c["metadata"] for c in same)
+    assert d.output_image_owner(me, same) == d.output_image_owner(me, others) == "default/same-second"
+    for o in others:  # every workspace's answer, from its image's claims alone
+        key = d.image_key(o["tuning"]["output"]["image"])
+        assert d.output_image_owner(o, [c for k, c in claims if k == key]) == d.output_image_owner(o, others)
+    assert d.output_image_claim({"metadata": {"name": "x"}, "tuning": {"output": {"volumeSource": {}}}}) is None

@@ -61,6 +61,9 @@ async def test_one_workspace_one_reconcile_until_its_job_changes(kmock, kubeconf
                    and r.resource.plural == "jobs") == 1, "one GET of the Job per reconcile, none after its create"
         assert not [r for r in kmock if r.action == enums.action.LIST and r.params.get("labelSelector")], \
             "pods listed for a Job created in the same reconcile"
+        workspace_lists = [r for r in kmock if r.action == enums.action.LIST and r.resource is not None
+                           and r.resource.plural == "workspaces" and not r.params.get("watch")]
+        assert len(workspace_lists) <= 1, "the output-image check listed every workspace (kopf's index knows them)"
 
         await asyncio.to_thread(kubernetes.client.BatchV1Api().patch_namespaced_job_status, NAME, "default",
                                 {"status": {"active": 1, "startTime": "2025-01-01T00:00:00Z"}})
