@@ -182,7 +182,8 @@ def child_ours(args) -> dict:
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
             "attn_implementation": meta.get("attn_implementation"), "packing": meta.get("packing"),
             "loss_mask": meta.get("loss_mask"), "dtype": meta.get("dtype"), "rank": meta.get("rank"),
-            "train_loss": result.train_loss, "device": torch.cuda.get_device_name() if cuda else "cpu"}
+            "train_loss": result.train_loss, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "hardware": meta.get("hardware")}  # the plan: checkpointing, rows x accumulation, estimate, reasons
 
 
 def last_json(text: str, key: str) -> dict | None:
