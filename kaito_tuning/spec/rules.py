@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from urllib.parse import urlsplit
 
 from kaito_tuning import addresses
@@ -350,14 +351,33 @@ def private_target(host: str) -> str | None:
     h = host.strip("[]").lower()
     if (why := addresses.forbidden_host(h)):
         return f"{short(h)}, which {why}"
-    try:
-        infos = socket.getaddrinfo(h, None)
-    except OSError:
-        return None  # unresolvable here; the downloader checks the address it reaches
-    for info in infos:
-        if (why := addresses.forbidden(info[4][0])):
-            return f"{short(h)}, which resolves to {info[4][0]}, which {why}"
+    for address in resolve(h):  # none: unresolvable here; the downloader checks the address it reaches
+        if (why := addresses.forbidden(address)):
+            return f"{short(h)}, which resolves to {address}, which {why}"
     return None
+
+
+#: how long a host's addresses are reused. The operator validates every workspace on every reconcile and
+#: a cluster's workspaces name few hosts: one lookup per host and minute, not one per reconcile (a slow
+#: resolver made 300 workspaces wait on ~0.2 s lookups, one at a time)
+RESOLVE_TTL_SECONDS = 60.0
+_RESOLVED: dict[str, tuple[float, tuple[str, ...]]] = {}
+
+
+def resolve(host: str) -> tuple[str, ...]:
+    """The addresses ``host`` resolves to (empty when it does not), cached for ``RESOLVE_TTL_SECONDS``."""
+    now = time.monotonic()
+    hit = _RESOLVED.get(host)
+    if hit is not None and now - hit[0] < RESOLVE_TTL_SECONDS:
+        return hit[1]
+    try:
+        found = tuple(dict.fromkeys(info[4][0] for info in socket.getaddrinfo(host, None)))
+    except OSError:
+        found = ()
+    if len(_RESOLVED) >= 4096:  # bounded: names in workspaces are user input
+        _RESOLVED.clear()
+    _RESOLVED[host] = (now, found)
+    return found
 
 
 def _validate_inference(ws: Workspace) -> list[Problem]:

@@ -156,6 +156,35 @@ def test_private_urls_refused_only_when_asked():
     assert url_problem("https://93.184.216.34/data.parquet", allow_private=False) is None
 
 
+def test_a_name_resolving_to_a_private_address_is_refused_and_lookups_are_reused(monkeypatch):
+    """Names are resolved (a public-looking name of an internal service is refused), once per host and TTL: the
+    operator validates every workspace on every reconcile, and one slow lookup each held 300 of them back."""
+    from kaito_tuning.spec import rules
+
+    calls = []
+
+    def fake_getaddrinfo(host, port, *a, **k):
+        calls.append(host)
+        if host == "gone.example.com":
+            raise OSError("Name or service not known")
+        ip = "10.0.0.7" if host == "internal.example.com" else "93.184.216.34"
+        return [(2, 1, 6, "", (ip, 0))]
+
+    clock = [1000.0]
+    monkeypatch.setattr(rules.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(rules.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(rules, "_RESOLVED", {})
+    assert "'internal.example.com', which resolves to 10.0.0.7, which is a private address" in url_problem(
+        "https://internal.example.com/x.parquet", allow_private=False)
+    for _ in range(3):
+        assert url_problem("https://data.example.com/x.parquet", allow_private=False) is None
+        assert url_problem("https://gone.example.com/x.parquet", allow_private=False) is None  # the downloader checks
+    assert sorted(calls) == ["data.example.com", "gone.example.com", "internal.example.com"]
+    clock[0] += rules.RESOLVE_TTL_SECONDS + 1
+    url_problem("https://data.example.com/x.parquet", allow_private=False)
+    assert calls.count("data.example.com") == 2
+
+
 def test_inference_adapters_rules():
     obj = yaml.safe_load((ROOT / "examples/inference/kaito_workspace_phi_3_with_adapters.yaml").read_text())
     assert problems_of(obj) == []
