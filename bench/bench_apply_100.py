@@ -21,6 +21,7 @@ import collections
 import contextlib
 import multiprocessing
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -135,6 +136,12 @@ async def apply_only(n: int, latency: float) -> float:
         return time.perf_counter() - t0
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -176,6 +183,8 @@ async def operator_process(tmp: str):
             proc.kill()
             proc.wait()
         log.close()
+        if os.environ.get("BENCH_OPERATOR_LOG"):  # keep the operator's log for a look
+            shutil.copy(Path(tmp) / "operator.log", os.environ["BENCH_OPERATOR_LOG"])
 
 
 async def with_operator(n: int, latency: float) -> dict:
@@ -189,6 +198,7 @@ async def with_operator(n: int, latency: float) -> dict:
         docs = _documents(n)
         async with operator_process(tmp) as proc:
             rss = [(0.0, _rss_mib(proc.pid))]
+            cpu0 = _cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             apply = asyncio.create_task(kubectl("apply", "-f", "-", input=docs, timeout=1200))
             applied = None
@@ -209,13 +219,14 @@ async def with_operator(n: int, latency: float) -> dict:
             if applied is None:
                 await apply
                 applied = time.perf_counter() - t0
+            cpu = _cpu_seconds(proc.pid) - cpu0
             await asyncio.sleep(2)  # settled: status writes after the last Job
             rss.append((time.perf_counter() - t0, _rss_mib(proc.pid)))
         jobs = emu.ask("jobs")
         assert len(jobs) == n, f"{len(jobs)} jobs for {n} workspaces"
         for job in jobs:
             kubernetes_validate.validate(job, "1.33.0", strict=True)
-        return {"seconds": elapsed, "applied": applied, "rss": rss, "requests": emu.ask("requests")}
+        return {"seconds": elapsed, "applied": applied, "rss": rss, "requests": emu.ask("requests"), "cpu": cpu}
 
 
 def main() -> int:
@@ -238,7 +249,8 @@ def main() -> int:
         total = sum(requests.values())
         print(f"run {run + 1}: {args.n} workspaces -> {args.n} valid Jobs in {r['seconds']:.2f} s; kubectl apply "
               f"returned after {r['applied']:.2f} s, the last Job {r['seconds'] - r['applied']:+.2f} s after it; "
-              f"{total} API requests ({total / args.n:.1f} per workspace, kubectl's included)", flush=True)
+              f"{total} API requests ({total / args.n:.1f} per workspace, kubectl's included); operator CPU "
+              f"{r['cpu']:.1f} s ({1000 * r['cpu'] / args.n:.0f} ms per workspace)", flush=True)
         curve = r["rss"]
         step = max(1, len(curve) // 12)
         print("  operator RSS MiB over time: " + ", ".join(f"{t:.0f}s {m:.0f}" for t, m in curve[::step] + curve[-1:])

@@ -171,7 +171,9 @@ def test_rbac_covers_exactly_what_the_code_uses():
     calls = used_calls()
     unknown = calls - set(_CALLS)
     assert not unknown, f"add these client calls to the test's table (and RBAC): {unknown}"
-    needed = {_CALLS[c] for c in calls} | _KOPF
+    from kaito_tuning.controller.reconciler import CREATED_KINDS
+
+    needed = {_CALLS[c] for c in calls} | _KOPF | {(g, r, "create") for g, r in CREATED_KINDS.values()}
     role = next(d for d in docs("rbac.yaml") if d["kind"] == "ClusterRole")
     granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
                for v in rule["verbs"]}
