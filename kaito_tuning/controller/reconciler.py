@@ -294,6 +294,10 @@ class Reconciler:
                                                                  + "; ".join(str(p) for p in problems))}, None
         secrets = [("tuning.output.imagePushSecret", t.output.image_push_secret)] if t.output.image else []
         secrets += [(f"tuning.input.imagePullSecrets[{i}]", s) for i, s in enumerate(t.input.image_pull_secrets)]
+        if m.base_weights_image(ws, self.settings):  # the download step mounts them only then
+            opts = t.preset.preset_options or {}
+            secrets += [(f"tuning.preset.presetOptions.imagePullSecrets[{i}]", s)
+                        for i, s in enumerate(opts.get("imagePullSecrets") or [])]
         for field_, secret in secrets:
             if (b := self._check_secret(ns, field_, secret)):
                 return b, config

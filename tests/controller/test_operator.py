@@ -276,6 +276,26 @@ async def test_push_secret_problems_are_reported(kmock, kubeconfig, case):
         assert ev[0]["type"] == "Warning"
 
 
+async def test_the_weights_image_pull_secret_must_exist_before_the_job(kmock, kubeconfig):
+    """presetOptions.imagePullSecrets are mounted into the download step: a missing one would leave the pod in
+    ContainerCreating (FailedMount), so the operator waits for it and says so, then creates the Job."""
+    async with running_operator(SETTINGS):
+        await push_secret()
+        d = quick_start()
+        d["tuning"]["preset"]["presetOptions"] = {"image": "mirror.example.com/kaito/phi3:0.2.0",
+                                                  "imagePullSecrets": ["weights-pull"]}
+        await apply(d)
+        st = await eventually(lambda: cond(status(kmock), "WorkspaceSucceeded").get("reason") == "SecretNotFound"
+                              and status(kmock))
+        assert "tuning.preset.presetOptions.imagePullSecrets[0]: secret 'weights-pull' does not exist" in \
+            cond(st, "WorkspaceSucceeded")["message"]
+        assert get_obj(kmock, JOBS, "default", NAME) is None
+        await push_secret("weights-pull")
+        job = await eventually(lambda: get_obj(kmock, JOBS, "default", NAME), 15)
+        vols = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+        assert [x["secret"]["name"] for x in vols["pull-secrets"]["projected"]["sources"]] == ["weights-pull"]
+
+
 @pytest.mark.parametrize("end", ["Succeeded", "Failed"])
 async def test_status_is_replaced_per_revision(kmock, kubeconfig, end):
     """After an update, nothing of the previous run's status remains (output, digest, finishedAt, failure)."""
