@@ -53,7 +53,7 @@ def hardware_dtype():
     import torch
 
     if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 
@@ -75,7 +75,7 @@ def resolve_dtype(value: Any):
     dt = getattr(torch, names.get(str(value), str(value)), None)
     if not isinstance(dt, torch.dtype):
         raise UserError(f"unknown dtype {value!r}; use auto, bfloat16, float16 or float32", field="ModelConfig.torch_dtype")
-    if dt == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+    if dt == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         log.warning("this GPU has no bfloat16; using float16")
         return torch.float16
     return dt

@@ -69,3 +69,17 @@ def test_local_files_only_for_weights_that_are_not_local_names_the_setting(hf_ca
                                                "local cache; set it to false") as e:
         local_weights("phi-3-mini-128k-instruct", local_files_only=True)
     assert e.value.exit_code == 65
+
+
+def test_gpus_that_only_emulate_bfloat16_get_float16(monkeypatch):
+    """V100/T4: torch.cuda.is_bf16_supported() answers True by emulation (slow); the hardware answer decides."""
+    import torch
+
+    from kaito_tuning.tuner.base_model import hardware_dtype, resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert hardware_dtype() == torch.float16
+    assert resolve_dtype("bfloat16") == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert hardware_dtype() == resolve_dtype("auto") == torch.bfloat16
