@@ -386,8 +386,9 @@ def prepare(files: list[DataFile], cfg: DatasetConfig | None = None) -> Splits:
         raise DatasetInvalid(f"the input files hold different formats ({desc}); they must all be chat "
                              "(messages/sharegpt/alpaca), all prompt/completion or all text", field="tuning.input")
     form = next(iter(forms.values()))
-    if all(isinstance(t, pa.Table) for t in tables):
-        ds = Dataset(pa.concat_tables(tables))
+    key = rows_key(files, cfg)
+    if all(isinstance(t, pa.Table) for t in tables):  # the rows' key as fingerprint: no hash of the whole table
+        ds = Dataset(pa.concat_tables(tables), fingerprint=key[:32])
     else:
         ds = Dataset.from_list([r for t in tables for r in (t.to_pylist() if isinstance(t, pa.Table) else t)])
     if cfg.shuffle_dataset:
@@ -395,7 +396,7 @@ def prepare(files: list[DataFile], cfg: DatasetConfig | None = None) -> Splits:
     if cfg.max_rows:
         ds = ds.select(range(min(cfg.max_rows, len(ds))))
     train, eval_ = split(ds, cfg.train_test_split)
-    return Splits(train=train, eval=eval_, form=form, formats=formats, files=list(files), key=rows_key(files, cfg))
+    return Splits(train=train, eval=eval_, form=form, formats=formats, files=list(files), key=key)
 
 
 #: bump when the rows made of the same files and settings change
