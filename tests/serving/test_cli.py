@@ -165,6 +165,20 @@ def call(base: str, path: str, body=None):
         return e.code, json.loads(e.read())
 
 
+def wait_until_healthy(proc, base: str, timeout: float = 300) -> None:
+    """Until the server process answers /health with 200 (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if call(base, "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not come up"
+        time.sleep(0.2)
+
+
 def threads_of(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):
@@ -189,16 +203,7 @@ def test_serve_process(tiny_llama, zorblax, rival, tmp_path):
     base = f"http://127.0.0.1:{port}"
     socks: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if call(base, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, base)
         _, models = call(base, "/v1/models")
         assert {m["id"]: m.get("strength") for m in models["data"]} == {PRESET: None, "rival": 0.0, "zorblax": 1.0}
         _, tuned = call(base, "/v1/chat/completions", {"model": "zorblax", "max_tokens": 12,
@@ -248,16 +253,7 @@ def test_serve_from_a_weights_image_without_the_hub(registry, tiny_llama, tmp_pa
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if call(base, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.2)
+        wait_until_healthy(proc, base)
         status, answer = call(base, "/v1/chat/completions", {"model": PRESET, "max_tokens": 4,
                                                              "messages": [{"role": "user", "content": QUESTION}]})
         assert status == 200 and answer["choices"][0]["message"]["content"] is not None
