@@ -21,6 +21,7 @@ prepare: data preparation and trainer set-up; train; save; other: interpreter st
 the file), peak RSS of the process; then the ratios ours / plain.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_overhead.py [--steps 30] [--max-length 512] [--rows 15011]
+        [--repeat N]  (N rounds, ABBA order, the median run of each variant in the table)
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=None, help="rows of the generated file (default 15,011)")
     ap.add_argument("--file", help="a messages parquet to use instead of the generated one")
     ap.add_argument("--variants", default="plain,ours", help="plain, ours, plain-defaults")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds; even rounds run the variants in reverse order (ABBA), medians compared")
     args = ap.parse_args()
     import bench_dataprep
 
@@ -182,7 +185,8 @@ def main() -> None:
         model_dir = bench_dataprep.smollm2_dir()
         print(f"# uptime: {os.popen('uptime').read().strip()}", flush=True)
         results = []
-        for v in args.variants.split(","):
+        order = args.variants.split(",")
+        for v in [v for r in range(args.repeat) for v in (order if r % 2 == 0 else order[::-1])]:
             if v == "ours":
                 res = run_ours(file, model_dir, args.steps, args.max_length, env, tmp)
             else:
@@ -191,10 +195,16 @@ def main() -> None:
             print(json.dumps(res), flush=True)
             results.append(res)
         print(f"# uptime: {os.popen('uptime').read().strip()}")
-    by = {r["variant"]: r for r in results}
+    by = {}  # per variant, the run with the median tokens/s (the only run when --repeat 1)
+    for v in dict.fromkeys(r["variant"] for r in results):
+        runs = sorted((r for r in results if r["variant"] == v), key=lambda r: r.get("tokens_per_second") or 0)
+        by[v] = runs[(len(runs) - 1) // 2]
+        if len(runs) > 1:
+            print(f"# {v}: tokens/s " + ", ".join(f"{r.get('tokens_per_second') or 0:.1f}" for r in runs)
+                  + "; wall s " + ", ".join(f"{r['wall']:.1f}" for r in runs))
     print("\n| variant | steady tokens/s | wall s | load s | prepare s | train s | save s | other s | peak RSS GiB |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in results:
+    for r in by.values():
         cells = [r.get("tokens_per_second"), r["wall"], r.get("load"), r.get("prepare"), r.get("train"),
                  r.get("save"), r["other"], r["peak_rss_gib"]]
         print(f"| {r['variant']} | " + " | ".join("-" if c is None else f"{c:.1f}" if i < 7 else f"{c:.2f}"
