@@ -134,7 +134,7 @@ def run_plain(file: Path, model_dir: str, steps: int, max_length: int, env: dict
     script = tmp / "plain_sft.py"
     script.write_text(PLAIN)
     extra = MATCHED if variant == "plain" else {}
-    wall, rss, stdout, _ = timed([sys.executable, str(script), str(file), model_dir, str(tmp / f"{variant}-out"),
+    wall, rss, stdout, _ = timed([sys.executable, str(script), str(file), model_dir, tempfile.mkdtemp(prefix=f"{variant}-out-", dir=tmp),
                                   str(steps), str(max_length), json.dumps(LORA), json.dumps(extra)], env)
     res = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
     return {"variant": variant, "wall": wall, "peak_rss_gib": rss / 2**30, **res}
@@ -143,7 +143,7 @@ def run_plain(file: Path, model_dir: str, steps: int, max_length: int, env: dict
 def run_ours(file: Path, model_dir: str, steps: int, max_length: int, env: dict, tmp: Path) -> dict:
     ws = tmp / "ws.yaml"
     ws.write_text(workspace_yaml(file.parent, steps, max_length))
-    out = tmp / "ours-out"
+    out = Path(tempfile.mkdtemp(prefix="ours-out-", dir=tmp))  # a fresh one per run: a finished run is not redone
     cmd = [sys.executable, "-m", "kaito_tuning.cli", "run", str(ws), "--output-dir", str(out), "--model-dir",
            model_dir, "--no-push", "--no-progress"]
     wall, rss, stdout, stderr = timed(cmd, env)
