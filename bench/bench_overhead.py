@@ -134,7 +134,8 @@ def run_plain(file: Path, model_dir: str, steps: int, max_length: int, env: dict
     script = tmp / "plain_sft.py"
     script.write_text(PLAIN)
     extra = MATCHED if variant == "plain" else {}
-    wall, rss, stdout, _ = timed([sys.executable, str(script), str(file), model_dir, tempfile.mkdtemp(prefix=f"{variant}-out-", dir=tmp),
+    out = tempfile.mkdtemp(prefix=f"{variant}-out-", dir=tmp)  # a fresh one per run
+    wall, rss, stdout, _ = timed([sys.executable, str(script), str(file), model_dir, out,
                                   str(steps), str(max_length), json.dumps(LORA), json.dumps(extra)], env)
     res = json.loads(next(ln for ln in stdout.splitlines() if ln.startswith("RESULT "))[7:])
     return {"variant": variant, "wall": wall, "peak_rss_gib": rss / 2**30, **res}
