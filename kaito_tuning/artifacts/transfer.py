@@ -26,7 +26,7 @@ from kaito_tuning.artifacts.errors import (
 )
 from kaito_tuning.artifacts.registry import DEFAULT_TIMEOUT_S, RETRIES, connect, parse_reference
 from kaito_tuning.artifacts.unpack import Budget, prepare_destination, unpack_layer
-from kaito_tuning.contract import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from kaito_tuning.contract import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ENV_MAX_DOWNLOAD_BYTES
 
 
 @dataclass(frozen=True)
@@ -61,12 +61,7 @@ def push_adapter(adapter_dir: str | os.PathLike, image: str, *, auth_file: str |
                  auth: dict | None = None, plain_http: bool = False, annotations: dict | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S, retries: int = RETRIES) -> PushResult:
     """Push ``adapter_dir`` as the image ``image`` (registry/repository:tag); return its digest."""
-    ref = parse_reference(image, require_tag=True)
-    if ref.digest:
-        raise InvalidImageReference(f"image reference {image!r}: push to a tag, not a digest; drop @{ref.digest}")
-    if ref.repository != ref.repository.lower():
-        raise InvalidImageReference(f"image reference {image!r}: registries accept only lowercase repository "
-                                    f"names; use {ref.registry}/{ref.repository.lower()}:{ref.tag}")
+    ref = push_reference(image)
     files = layers.adapter_files(adapter_dir)
     notes = layers.adapter_annotations(adapter_dir)
     for k, v in (annotations or {}).items():
@@ -85,11 +80,26 @@ def push_adapter(adapter_dir: str | os.PathLike, image: str, *, auth_file: str |
         registry.ping()
         registry.push_blob(blob, layer_digest, layer_size, layers.MEDIA_LAYER)
         registry.push_blob(Path(tmp) / "config.json", layers.digest_of(config), len(config), layers.MEDIA_CONFIG)
-        echoed = registry.put_manifest(manifest, layers.MEDIA_MANIFEST)
-    if echoed and echoed != digest:
-        raise RegistryError(f"registry {ref.registry} stored the manifest as {echoed}, not {digest}")
+        check_stored(ref, registry.put_manifest(manifest, layers.MEDIA_MANIFEST), digest)
     return PushResult(reference=f"{ref.registry}/{ref.repository}:{ref.tag}", digest=digest,
                       size=len(manifest) + len(config) + layer_size, files=[p.name for p in files])
+
+
+def push_reference(image: str):
+    """``image`` parsed as a push target: a tag (not a digest), a lowercase repository."""
+    ref = parse_reference(image, require_tag=True)
+    if ref.digest:
+        raise InvalidImageReference(f"image reference {image!r}: push to a tag, not a digest; drop @{ref.digest}")
+    if ref.repository != ref.repository.lower():
+        raise InvalidImageReference(f"image reference {image!r}: registries accept only lowercase repository "
+                                    f"names; use {ref.registry}/{ref.repository.lower()}:{ref.tag}")
+    return ref
+
+
+def check_stored(ref, echoed: str | None, digest: str) -> None:
+    """The registry must store the manifest that was sent (its echoed digest, when it gives one)."""
+    if echoed and echoed != digest:
+        raise RegistryError(f"registry {ref.registry} stored the manifest as {echoed}, not {digest}")
 
 
 def pull_adapter(image: str, dest_dir: str | os.PathLike, *, auth_file: str | os.PathLike | None = None,
@@ -124,13 +134,8 @@ def _pull(image, dest_dir, *, auth_file, auth, plain_http, timeout, retries, bud
     ref, dest, stage = registry.ref, Path(dest_dir), None
     try:
         registry.ping()
-        manifest, digest = registry.fetch_manifest(ref.reference)
-        if manifest.get("mediaType") in (layers.MEDIA_INDEX, layers.DOCKER_LIST) or "manifests" in manifest:
-            manifest, _ = registry.fetch_manifest(choose_platform(manifest, image))
-        blobs = image_layers(manifest, image)
-        total = sum(size for _, size in blobs)
-        if total > budget.max_bytes:
-            raise ImageTooLarge(f"image {image} has {total} bytes of layers, more than the {budget.max_bytes} allowed")
+        manifest, digest, found = resolve_image(registry, image, budget)
+        blobs = image_layers(manifest, found, image)
         stage = prepare_destination(dest)  # only once the image is known to exist
         root = stage / layers.DATA_DIR
         root.mkdir()
@@ -166,24 +171,39 @@ def choose_platform(index: dict, image: str) -> str:
     return digest
 
 
-def image_layers(manifest: dict, image: str) -> list[tuple[str, int]]:
-    """(digest, size) of each layer of an image manifest; refuses artifacts and layers we cannot unpack."""
+def resolve_image(registry, image: str, budget: Budget) -> tuple[dict, str, list[dict]]:
+    """(manifest, digest, layer descriptors) of the image the registry's reference names: a multi-platform
+    index resolved to one platform (``choose_platform``), the manifest's schema and every layer's size
+    checked, and their total within ``budget``, before anything is downloaded."""
+    manifest, digest = registry.fetch_manifest(registry.ref.reference)
+    if manifest.get("mediaType") in (layers.MEDIA_INDEX, layers.DOCKER_LIST) or "manifests" in manifest:
+        manifest, _ = registry.fetch_manifest(choose_platform(manifest, image))
     media = manifest.get("mediaType", "")
     if manifest.get("schemaVersion") != 2 or media not in (layers.MEDIA_MANIFEST, layers.DOCKER_MANIFEST, ""):
         raise NotAnAdapter(f"image {image} has a manifest of type {media or 'unknown'} that we cannot read")
     found = manifest.get("layers") or []
+    for layer in found:
+        size = layer.get("size") if isinstance(layer, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise NotAnAdapter(f"image {image} has a layer without a valid size in its manifest")
+    total = sum(layer["size"] for layer in found)
+    if total > budget.max_bytes:
+        raise ImageTooLarge(f"image {image} has {total} bytes of layers, more than the {budget.max_bytes} allowed "
+                            f"({ENV_MAX_DOWNLOAD_BYTES} raises it)")
+    return manifest, digest, found
+
+
+def image_layers(manifest: dict, found: list[dict], image: str) -> list[tuple[str, int]]:
+    """(digest, size) of each layer of a container image (``resolve_image``'s); refuses artifacts and layers
+    we cannot unpack."""
     config_type = (manifest.get("config") or {}).get("mediaType", "")
     out = []
     for layer in found:
-        if not isinstance(layer, dict) or not layers.TAR_LAYERS.match(str(layer.get("mediaType", ""))):
-            kind = layer.get("mediaType") if isinstance(layer, dict) else None
+        if not layers.TAR_LAYERS.match(str(layer.get("mediaType", ""))):
             if config_type not in (layers.MEDIA_CONFIG, layers.DOCKER_CONFIG):
                 raise NotAnAdapter(f"image {image} is an OCI artifact (config type {config_type!r}), not a container "
                                    "image; push the files under /data/ in the gzip tar layer of an image")
-            raise NotAnAdapter(f"image {image} has a layer of type {kind!r} that cannot be unpacked here "
-                               "(only tar and tar+gzip layers)")
-        size = layer.get("size")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise NotAnAdapter(f"image {image} has a layer without a valid size in its manifest")
-        out.append((str(layer.get("digest", "")), size))
+            raise NotAnAdapter(f"image {image} has a layer of type {layer.get('mediaType')!r} that cannot be "
+                               "unpacked here (only tar and tar+gzip layers)")
+        out.append((str(layer.get("digest", "")), layer["size"]))
     return out

@@ -15,7 +15,8 @@ Two shapes are read, told apart by the manifest:
 Either way the result is a directory with ``config.json`` (and the weights and tokenizer) under
 the cache root, named after the reference, with a marker that records the digest: a second call
 (the train step after the download step, a retried pod) finds it there without the registry.
-Downloads are digest-checked and capped (``Budget``, ``$KAITO_MAX_DOWNLOAD_BYTES``) as every pull.
+The manifest is read (``transfer.resolve_image``), downloads digest-checked and capped (``Budget``,
+``$KAITO_MAX_DOWNLOAD_BYTES``) as every pull.
 
 ``push_weights`` writes a model directory in Kaito's artifact shape (to mirror weights into a
 registry an air-gapped cluster can reach, and for tests and the demo).
@@ -34,9 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import kaito_tuning.artifacts.layers as layers
-from kaito_tuning.artifacts.errors import ImageTooLarge, NotAnAdapter, NoWeightsInImage, UnsafeImage
+from kaito_tuning.artifacts.errors import NoWeightsInImage, UnsafeImage
 from kaito_tuning.artifacts.registry import DEFAULT_TIMEOUT_S, RETRIES, Registry, connect, parse_reference
-from kaito_tuning.artifacts.transfer import choose_platform
+from kaito_tuning.artifacts.transfer import check_stored, push_reference, resolve_image
 from kaito_tuning.artifacts.unpack import STAGING_PREFIX, Budget, layer_entries, unpack_layer
 
 TITLE = "org.opencontainers.image.title"
@@ -97,14 +98,9 @@ def pull_weights(image: str, root: str | os.PathLike, *, auth_file: str | os.Pat
     dest, stage = cache_path(image, root), None
     try:
         registry.ping()
-        manifest, digest = registry.fetch_manifest(registry.ref.reference)
-        if manifest.get("mediaType") in (layers.MEDIA_INDEX, layers.DOCKER_LIST) or "manifests" in manifest:
-            manifest, _ = registry.fetch_manifest(choose_platform(manifest, image))
-        found = _layers(manifest, image)
-        total = sum(int(x["size"]) for x in found)
-        if total > budget.max_bytes:
-            raise ImageTooLarge(f"image {image} has {total} bytes of layers, more than the {budget.max_bytes} allowed "
-                                "($KAITO_MAX_DOWNLOAD_BYTES raises it)")
+        manifest, digest, found = resolve_image(registry, image, budget)
+        if not found:
+            raise NoWeightsInImage(f"image {image} has no layers; expected {EXPECTED}")
         Path(root).mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root))
         config_type = (manifest.get("config") or {}).get("mediaType", "")
@@ -126,20 +122,6 @@ def pull_weights(image: str, root: str | os.PathLike, *, auth_file: str | os.Pat
         if stage is not None:
             shutil.rmtree(stage, ignore_errors=True)
     return WeightsPull(reference=str(registry.ref), digest=digest, model_dir=str(dest), shape=shape, files=files)
-
-
-def _layers(manifest: dict, image: str) -> list[dict]:
-    media = manifest.get("mediaType", "")
-    if manifest.get("schemaVersion") != 2 or media not in (layers.MEDIA_MANIFEST, layers.DOCKER_MANIFEST, ""):
-        raise NotAnAdapter(f"image {image} has a manifest of type {media or 'unknown'} that we cannot read")
-    found = manifest.get("layers") or []
-    for x in found:
-        size = x.get("size") if isinstance(x, dict) else None
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise NoWeightsInImage(f"image {image} has a layer without a valid size in its manifest")
-    if not found:
-        raise NoWeightsInImage(f"image {image} has no layers; expected {EXPECTED}")
-    return found
 
 
 def _relative(title: str, image: str) -> list[str]:
@@ -266,6 +248,7 @@ def push_weights(model_dir: str | os.PathLike, image: str, *, auth_file: str | o
     names = [p.relative_to(d).as_posix() for p in files]
     if "config.json" not in names:
         raise NoWeightsInImage(f"{d} has no config.json: give a directory written by save_pretrained")
+    ref = push_reference(image)
     registry = connect(image, auth_file=auth_file, auth=auth, plain_http=plain_http, push=True, timeout=timeout,
                        retries=retries, require_tag=True)
     config = b"{}"
@@ -284,7 +267,7 @@ def push_weights(model_dir: str | os.PathLike, image: str, *, auth_file: str | o
             "schemaVersion": 2, "mediaType": layers.MEDIA_MANIFEST, "artifactType": MODELPACK_ARTIFACT,
             "config": {"mediaType": MODELPACK_CONFIG, "digest": layers.digest_of(config), "size": len(config)},
             "layers": entries})
-        registry.put_manifest(manifest, layers.MEDIA_MANIFEST)
+        check_stored(ref, registry.put_manifest(manifest, layers.MEDIA_MANIFEST), layers.digest_of(manifest))
     return str(registry.ref), layers.digest_of(manifest)
 
 
