@@ -27,6 +27,7 @@ from kaito_tuning.controller.manifests import (
     _weights_env,
     base_weights_image,
     spec_hash,
+    weights_pull_secrets,
     workspace_labels,
 )
 from kaito_tuning.controller.settings import Settings
@@ -69,8 +70,7 @@ def inference_deployment(ws: Workspace, settings: Settings) -> dict:
     weights = base_weights_image(ws, settings)
     if weights:  # the server pulls the base weights into the cache volume at start, as the tuning Job's download does
         args += ["--weights-image", weights]
-        secrets = (inf.preset.preset_options or {}).get("imagePullSecrets") or []
-        if secrets:
+        if (secrets := weights_pull_secrets(ws, settings)):
             volumes.append(_docker_config_volume("pull-weights", secrets))
             server_mounts.append({"name": "pull-weights", "mountPath": PULL_SECRETS_DIR, "readOnly": True})
             args += ["--auth-file", PULL_SECRETS_DIR]

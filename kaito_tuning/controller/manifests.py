@@ -172,6 +172,14 @@ def base_weights_image(ws: Workspace, settings: Settings) -> str | None:
     return weights_image(preset, t.preset.preset_options, settings.preset_registry)
 
 
+def weights_pull_secrets(ws: Workspace, settings: Settings) -> list[str]:
+    """``presetOptions.imagePullSecrets``, mounted (and so needed) only where the base weights come from an image."""
+    part = ws.tuning or ws.inference
+    if not base_weights_image(ws, settings):
+        return []
+    return list((part.preset.preset_options or {}).get("imagePullSecrets") or [])
+
+
 def _weights_env(image: str | None) -> list[dict]:
     if not image:
         return []
@@ -398,10 +406,7 @@ def tuning_job(ws: Workspace, settings: Settings, config: TuningConfig, *, revis
     env = [*ws_env, {"name": ENV_PREFETCH_WEIGHTS, "value": "1"}, *_weights_env(weights), *_model_env(ws, t.preset)]
     if not settings.deny_private_urls:  # the cluster admin allows in-cluster dataset servers
         env.append({"name": ENV_ALLOW_PRIVATE_URLS, "value": "1"})
-    pull_secrets = list(inp.image_pull_secrets)
-    if weights:
-        pull_secrets += [s for s in (t.preset.preset_options or {}).get("imagePullSecrets") or []
-                         if s not in pull_secrets]
+    pull_secrets = list(dict.fromkeys([*inp.image_pull_secrets, *weights_pull_secrets(ws, settings)]))
     if pull_secrets:
         volumes.append(_docker_config_volume("pull-secrets", pull_secrets))
         mounts.append({"name": "pull-secrets", "mountPath": PULL_SECRETS_DIR, "readOnly": True})

@@ -294,10 +294,8 @@ class Reconciler:
                                                                  + "; ".join(str(p) for p in problems))}, None
         secrets = [("tuning.output.imagePushSecret", t.output.image_push_secret)] if t.output.image else []
         secrets += [(f"tuning.input.imagePullSecrets[{i}]", s) for i, s in enumerate(t.input.image_pull_secrets)]
-        if m.base_weights_image(ws, self.settings):  # the download step mounts them only then
-            opts = t.preset.preset_options or {}
-            secrets += [(f"tuning.preset.presetOptions.imagePullSecrets[{i}]", s)
-                        for i, s in enumerate(opts.get("imagePullSecrets") or [])]
+        secrets += [(f"tuning.preset.presetOptions.imagePullSecrets[{i}]", s)
+                    for i, s in enumerate(m.weights_pull_secrets(ws, self.settings))]
         for field_, secret in secrets:
             if (b := self._check_secret(ns, field_, secret)):
                 return b, config
@@ -488,6 +486,8 @@ class Reconciler:
         for i, a in enumerate(ws.inference.adapters):
             for j, s in enumerate(a.source.image_pull_secrets if a.source.image else []):
                 blocker = blocker or self._check_secret(ns, f"inference.adapters[{i}].source.imagePullSecrets[{j}]", s)
+        for i, s in enumerate(m.weights_pull_secrets(ws, self.settings)):  # mounted into the server
+            blocker = blocker or self._check_secret(ns, f"inference.preset.presetOptions.imagePullSecrets[{i}]", s)
         deployment = None
         if blocker is None:
             want = inference.inference_deployment(ws, self.settings)

@@ -429,6 +429,24 @@ async def test_inference_workspace_gets_deployment_and_service(kmock, kubeconfig
         await eventually(lambda: cond(status(kmock, name), "InferenceReady").get("status") == "True")
 
 
+async def test_the_inference_weights_pull_secret_must_exist_before_the_deployment(kmock, kubeconfig):
+    """presetOptions.imagePullSecrets are mounted into the server when it pulls a weights image: waited for."""
+    d = yaml.safe_load(open("examples/inference/kaito_workspace_phi_3_with_adapters.yaml"))
+    name = d["metadata"]["name"]
+    d["inference"]["preset"]["presetOptions"] = {"image": "mirror.example.com/kaito/phi3:0.2.0",
+                                                 "imagePullSecrets": ["weights-pull"]}
+    async with running_operator(SETTINGS):
+        await push_secret("myregistry-pull")
+        await apply(d)
+        st = await eventually(lambda: (c := cond(status(kmock, name), "InferenceReady")).get("reason") ==
+                              "SecretNotFound" and c)
+        assert "inference.preset.presetOptions.imagePullSecrets[0]: secret 'weights-pull'" in st["message"]
+        assert get_obj(kmock, "apps/v1/deployments", "default", name) is None
+        await push_secret("weights-pull")
+        dep = await eventually(lambda: get_obj(kmock, "apps/v1/deployments", "default", name), 15)
+        assert "--weights-image" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
 async def set_deployment_ready(name):
     import asyncio
 
