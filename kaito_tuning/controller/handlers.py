@@ -117,7 +117,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     @kopf.on.create(*wsres, registry=registry)
     @kopf.on.update(*wsres, registry=registry)
     @reported
-    def reconcile_workspace(body, output_images=None, **_):
+    def reconcile_workspace(body, output_images, **_):
         outcome = rec.reconcile(body, images=output_images)
         _write_status(rec, body, outcome.status)
         _post(body, outcome)
@@ -133,14 +133,14 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
                 when=lambda status, **_: status.get("state") == st.RUNNING and
                 (status.get("tuning") or {}).get("stage") == "training")
     @reported
-    def poll_progress(body, output_images=None, **_):
+    def poll_progress(body, output_images, **_):
         if (progress := rec.poll_progress(body)) is not None:
             outcome = rec.reconcile(body, progress=progress, images=output_images)
             _write_status(rec, body, outcome.status)
             _post(body, outcome)
 
     def refresher(kind: str):
-        def refresh(body, type, output_images=None, **_):
+        def refresh(body, type, output_images, **_):
             owner = _owner_workspace(body)
             if owner is None or not rec.seen.changed(kind, body, deleted=type == "DELETED"):
                 return

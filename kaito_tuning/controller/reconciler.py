@@ -139,10 +139,10 @@ class Reconciler:
 
     # ---------------------------------------------------------------- entry points
 
-    def reconcile(self, body: dict, progress: dict | None = None, images=None) -> Outcome:
+    def reconcile(self, body: dict, *, images, progress: dict | None = None) -> Outcome:
         """The workspace's status (and the objects it needs) now. ``images``: the operator's index of output
-        images (image key -> the workspaces pushing there, ``decisions.output_image_claim``); without it the
-        output-image check lists every workspace."""
+        images (image key -> the workspaces pushing there, ``decisions.output_image_claim``), kept by kopf from
+        the watch, so that no reconcile lists every workspace."""
         obj = json.loads(json.dumps(dict(body)))  # plain dicts, no kopf views
         prev = obj.get("status") or {}
         gen = (obj.get("metadata") or {}).get("generation")
@@ -210,7 +210,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- tuning
 
-    def _tuning(self, ws: Workspace, obj: dict, prev: dict, gen, progress, images=None) -> Outcome:
+    def _tuning(self, ws: Workspace, obj: dict, prev: dict, gen, progress, images) -> Outcome:
         ns, name, key = ws.namespace, ws.name, ws_key(obj)
         ws_uid = obj["metadata"].get("uid")
         prev_t = prev.get("tuning") or {}
@@ -388,13 +388,9 @@ class Reconciler:
             patch(meta["name"], meta["namespace"], {k: want[k] for k in ("stringData", "data") if k in want})
         return None
 
-    def _output_image_conflict(self, ws: Workspace, obj: dict, images=None) -> dict | None:
+    def _output_image_conflict(self, ws: Workspace, obj: dict, images) -> dict | None:
         """OutputImageConflict when a workspace created earlier pushes to the same repository:tag."""
-        if images is not None:
-            items = list(images.get(d.image_key(ws.tuning.output.image), ()))
-        else:
-            items = self.custom.list_cluster_custom_object(GROUP, STORAGE_VERSION, PLURAL).get("items") or []
-        first = d.output_image_owner(obj, items)
+        first = d.output_image_owner(obj, list(images.get(d.image_key(ws.tuning.output.image), ())))
         if first is None:
             return None
         return {"reason": "OutputImageConflict",
