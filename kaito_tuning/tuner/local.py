@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,7 +28,6 @@ from kaito_tuning.errors import (
     UserError,
 )
 from kaito_tuning.spec.files import split_documents
-from kaito_tuning.spec.presets import get_preset, weights_image
 from kaito_tuning.spec.rules import load_workspace
 from kaito_tuning.spec.training_config import TuningConfig, load_config
 from kaito_tuning.spec.workspace import Workspace
@@ -82,10 +80,6 @@ def run_local(docs: list[dict], *, output_dir: str | None = None, workdir: str |
     pull_auth, push_auth, plain_http, max_steps, allow_private_urls, weights_image). ``nproc`` > 1 trains with that
     many processes (torch.distributed), exactly as the Job's train step does on a node with that many GPUs."""
     ws, config = load_spec(docs)
-    if not options.get("weights_image"):  # --weights-image, else presetOptions.image, else a preset registry
-        preset = get_preset(ws.tuning.preset.name)
-        options["weights_image"] = weights_image(preset, ws.tuning.preset.preset_options,
-                                                 os.environ.get(c.ENV_PRESET_REGISTRY))
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kaito-run-"))
     try:
         out = Path(output_dir or f"{ws.name}-adapter").resolve()

@@ -19,11 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaito_tuning import redact
-from kaito_tuning.contract import LABEL_WORKSPACE, PROGRESS_FILE
+from kaito_tuning.contract import ENV_PRESET_REGISTRY, LABEL_WORKSPACE, PROGRESS_FILE
 from kaito_tuning.errors import UserError
 from kaito_tuning.spec.presets import Preset, get_preset, weights_image
 from kaito_tuning.spec.training_config import TuningConfig
@@ -72,8 +73,9 @@ def make_plan(ws: Workspace, config: TuningConfig, *, data_dir: str | Path, outp
         raise UserError("this workspace has no tuning section; `run` trains adapters (use `serve` for inference)",
                         field="tuning")
     preset = get_preset(ws.tuning.preset.name)
-    if not options.get("weights_image"):  # the workspace's own presetOptions.image, else the preset's source
-        options["weights_image"] = weights_image(preset, ws.tuning.preset.preset_options, None)
+    if not options.get("weights_image"):  # given (--weights-image, the Job's env), else as the operator decides
+        options["weights_image"] = weights_image(preset, ws.tuning.preset.preset_options,
+                                                 os.environ.get(ENV_PRESET_REGISTRY))
     return Plan(workspace=ws, config=config, preset=preset, data_dir=Path(data_dir), output_dir=Path(output_dir),
                 **options)
 
