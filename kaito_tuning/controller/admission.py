@@ -22,10 +22,11 @@ from kaito_tuning.controller.settings import Settings
 from kaito_tuning.errors import Problem
 from kaito_tuning.spec.rules import validate_update, validate_workspace
 from kaito_tuning.spec.training_config import CONFIG_KEY, parse_config
-from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION, VERSIONS, parse_workspace
+from kaito_tuning.spec.workspace import GROUP, PLURAL, VERSIONS, parse_workspace
 
 log = logging.getLogger("kaito_tuning.controller.admission")
-ADMISSION_READ_TIMEOUT_SECONDS = 5.0  # its reads (ConfigMap, workspaces) while the API server waits for an answer
+#: the ConfigMap read, made while the API server waits for the webhook's answer (10 s by default)
+ADMISSION_READ_TIMEOUT_SECONDS = 5.0
 
 
 def _strip(obj: dict | None) -> dict:
@@ -62,32 +63,13 @@ def review(body: dict, old: dict | None, operation: str, *, deny_private_urls: b
     return problems
 
 
-def _read_timeout() -> float:
-    """A read made while the API server waits for the webhook's answer (10 s by default) ends well before it."""
-    from kaito_tuning.controller.reconciler import API_TIMEOUT_SECONDS
-
-    return min(ADMISSION_READ_TIMEOUT_SECONDS, API_TIMEOUT_SECONDS)
-
-
-def list_workspaces() -> list[dict] | None:
-    """Every workspace of the cluster, or None when they cannot be listed (the operator's status reports it then)."""
-    import kubernetes
-
-    try:
-        return kubernetes.client.CustomObjectsApi().list_cluster_custom_object(
-            GROUP, STORAGE_VERSION, PLURAL, _request_timeout=_read_timeout()).get("items") or []
-    except Exception as e:  # noqa: BLE001 - admission must not fail because a read did
-        log.debug("cannot list workspaces: %s", e)
-        return None
-
-
 def read_config_text(namespace: str, name: str) -> str | None:
     """The ConfigMap's training_config.yaml, or None when it does not exist or cannot be read."""
     import kubernetes
 
     try:
         cm = kubernetes.client.CoreV1Api().read_namespaced_config_map(name, namespace,
-                                                                      _request_timeout=_read_timeout())
+                                                                      _request_timeout=ADMISSION_READ_TIMEOUT_SECONDS)
     except Exception as e:  # noqa: BLE001 - admission must not fail because a read did
         log.debug("cannot read ConfigMap %s/%s: %s", namespace, name, e)
         return None
@@ -101,12 +83,13 @@ def register_admission(settings: Settings, registry: kopf.OperatorRegistry) -> N
     kopf creates that ValidatingWebhookConfiguration and keeps its clientConfig and caBundle current.
     """
 
-    def validate(body, old, operation, namespace, **_):
+    def validate(body, old, operation, namespace, output_images, **_):
         obj = dict(body)
         obj.setdefault("metadata", {}).setdefault("namespace", namespace or "default")
+        # the workspaces pushing anywhere, from the operator's index of output images (handlers.py): no LIST
         problems = review(obj, old, operation or "CREATE", deny_private_urls=settings.deny_private_urls,
                           read_config=read_config_text, volume_types=settings.volume_types,
-                          list_workspaces=list_workspaces)
+                          list_workspaces=lambda: [w for store in output_images.values() for w in store])
         if problems:
             raise kopf.AdmissionError("; ".join(str(p) for p in problems), code=422)
 

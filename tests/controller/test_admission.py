@@ -103,6 +103,35 @@ async def test_through_kopfs_webhook_server(kmock, kubeconfig):
 
 @pytest.mark.kmock(cls=Emulator)
 @pytest.mark.timeout(60)
+async def test_the_webhook_refuses_an_output_image_another_workspace_pushes_to(kmock, kubeconfig):
+    """Through kopf's webhook server: the other workspaces come from the operator's index of output images."""
+    from fixtures_k8s import kubectl
+
+    port = _free_port()
+    async with running_operator(Settings(webhook_port=port, webhook_insecure=True)):
+        url = f"http://127.0.0.1:{port}/validate-v1beta1"
+        await kubectl("apply", "-f", "-", input=yaml.safe_dump(quick()))
+        copycat = quick()
+        copycat["metadata"]["name"] = "copycat"
+        res = None
+        for _ in range(100):  # the server starts with the operator; the index fills from the watch
+            try:
+                res = await asyncio.to_thread(_post, url, _review_request(copycat, None, "CREATE"))
+                if res["response"]["allowed"] is False:
+                    break
+            except OSError:
+                pass
+            await asyncio.sleep(0.1)
+        assert res is not None and res["response"]["allowed"] is False
+        assert "tuning.output.image: is already the output of workspace default/workspace-tuning-phi-3" in \
+            res["response"]["status"]["message"]
+        copycat["tuning"]["output"]["image"] = "registry.example.com/team/other:1"
+        res = await asyncio.to_thread(_post, url, _review_request(copycat, None, "CREATE"))
+        assert res["response"]["allowed"] is True
+
+
+@pytest.mark.kmock(cls=Emulator)
+@pytest.mark.timeout(60)
 async def test_managed_configuration_trusts_the_generated_certificate(kmock, kubeconfig):
     """No cert-manager: kopf serves TLS with a generated certificate for the Service's DNS name and writes a
     ValidatingWebhookConfiguration (Service reference + caBundle) that verifies it, as the API server will."""
