@@ -67,14 +67,14 @@ def resolve_dtype(value: Any):
     """A torch dtype from None/'auto'/'bfloat16'/'bf16'/torch.dtype."""
     import torch
 
-    if value is None or value == "auto":
+    from kaito_tuning.tuner.hardware import UNKNOWN_DTYPE, dtype_name
+
+    name = dtype_name(value)
+    if name is None:
         return hardware_dtype()
-    if isinstance(value, torch.dtype):
-        return value
-    names = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-    dt = getattr(torch, names.get(str(value), str(value)), None)
+    dt = getattr(torch, name, None)
     if not isinstance(dt, torch.dtype):
-        raise UserError(f"unknown dtype {value!r}; use auto, bfloat16, float16 or float32", field="ModelConfig.torch_dtype")
+        raise UserError(UNKNOWN_DTYPE.format(value), field="ModelConfig.torch_dtype")
     if dt == torch.bfloat16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         log.warning("this GPU has no bfloat16; using float16")
         return torch.float16

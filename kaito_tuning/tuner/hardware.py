@@ -55,6 +55,8 @@ RESERVE_BYTES = GIB      # CUDA context and workspaces, cuBLAS/Triton buffers
 LORA_STATE_BYTES = 16    # per LoRA parameter: fp32 weight, gradient, Adam's two moments
 LOGIT_BYTES = 12         # per token per vocabulary entry without Liger's fused linear cross-entropy
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+#: the message for a dtype that is none of auto, bfloat16, float16, float32 (and their short names)
+UNKNOWN_DTYPE = "unknown dtype {!r}; use auto, bfloat16, float16 or float32"
 
 
 @dataclass(frozen=True)
@@ -204,12 +206,16 @@ def _with_packing(plan: Plan, why: str, asked) -> Plan:
     return dataclasses.replace(plan, packing=packing, reasons={**plan.reasons, "attention": why})
 
 
-def _dtype(device: Device, asked) -> tuple[str, str]:
+def dtype_name(asked) -> str | None:
+    """The full name of a dtype asked for (``bf16`` and ``torch.bfloat16`` are ``bfloat16``); None for auto."""
     name = None if asked is None or str(asked) == "auto" else str(asked).removeprefix("torch.")
-    name = _DTYPES.get(name, name)
+    return _DTYPES.get(name, name)
+
+
+def _dtype(device: Device, asked) -> tuple[str, str]:
+    name = dtype_name(asked)
     if name not in (None, "bfloat16", "float16", "float32"):
-        raise UserError(f"unknown dtype {asked!r}; use auto, bfloat16, float16 or float32",
-                        field="ModelConfig.torch_dtype")
+        raise UserError(UNKNOWN_DTYPE.format(asked), field="ModelConfig.torch_dtype")
     if not device.cuda:
         extra = f" (ModelConfig asks for {name}, which CPUs run slowly)" if name not in (None, "float32") else ""
         return "float32", f"float32 on a CPU{extra}"
