@@ -39,9 +39,11 @@ def _run(p):
     p.add_argument("file", metavar="WORKSPACE.yaml", help="a tuning Workspace, and optionally its ConfigMap")
     p.add_argument("--output-dir", default=None, help="where the adapter is written (default ./<workspace-name>-adapter)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimizer steps")
-    p.add_argument("--model-dir", default=None, help="use base-model weights from this directory")
+    p.add_argument("--model-dir", default=None,
+                   help="use base-model weights from this directory (before any weights image)")
     p.add_argument("--weights-image", default=None, metavar="IMAGE",
-                   help="pull the base-model weights from this image (Kaito's model artifact or a model image)")
+                   help="pull the base-model weights from this image (Kaito's model artifact or a model image; "
+                        "default: the workspace's presetOptions.image)")
     p.add_argument("--auth-file", default=None, help="docker config.json with credentials for output.image")
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registry (local registries)")
     p.add_argument("--no-push", action="store_true", help="do not push to output.image even if it is set")
@@ -90,7 +92,8 @@ def _adapters(p):
                         "the environment variable named like the adapter)")
     p.add_argument("--auth-file", default=None, help="docker config.json for adapter images")
     p.add_argument("--plain-http", action="store_true", help="plain HTTP for adapter images")
-    p.add_argument("--model-dir", default=None, help="use base-model weights from this directory")
+    p.add_argument("--model-dir", default=None,
+                   help="use base-model weights from this directory (before any weights image)")
     p.add_argument("--weights-image", default=None, metavar="IMAGE",
                    help="pull the base-model weights from this image (Kaito's model artifact or a model image); "
                         "--auth-file and --plain-http apply to it too")
