@@ -81,18 +81,28 @@ def _post(url, payload):
         return json.loads(r.read())
 
 
+async def _review_when_up(url, obj, old, operation, until=lambda answer: True) -> dict:
+    """The webhook's answer once its server is up (it starts with the operator) and ``until`` holds, 10 s at most."""
+    answer = None
+    for _ in range(100):
+        try:
+            answer = await asyncio.to_thread(_post, url, _review_request(obj, old, operation))
+            if until(answer):
+                break
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    assert answer is not None, "the webhook server did not come up"
+    return answer
+
+
 @pytest.mark.kmock(cls=Emulator)
 @pytest.mark.timeout(60)
 async def test_through_kopfs_webhook_server(kmock, kubeconfig):
     port = _free_port()
     async with running_operator(Settings(webhook_port=port, webhook_insecure=True)):
         url = f"http://127.0.0.1:{port}/validate-v1beta1"
-        for _ in range(100):  # the server starts with the operator
-            try:
-                ok = await asyncio.to_thread(_post, url, _review_request(quick(), None, "CREATE"))
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+        ok = await _review_when_up(url, quick(), None, "CREATE")
         assert ok["response"]["allowed"] is True
         new = quick()
         new["tuning"]["method"] = "lora"
@@ -113,16 +123,9 @@ async def test_the_webhook_refuses_an_output_image_another_workspace_pushes_to(k
         await kubectl("apply", "-f", "-", input=yaml.safe_dump(quick()))
         copycat = quick()
         copycat["metadata"]["name"] = "copycat"
-        res = None
-        for _ in range(100):  # the server starts with the operator; the index fills from the watch
-            try:
-                res = await asyncio.to_thread(_post, url, _review_request(copycat, None, "CREATE"))
-                if res["response"]["allowed"] is False:
-                    break
-            except OSError:
-                pass
-            await asyncio.sleep(0.1)
-        assert res is not None and res["response"]["allowed"] is False
+        # the index fills from the watch: until the applied workspace is in it
+        res = await _review_when_up(url, copycat, None, "CREATE", until=lambda a: a["response"]["allowed"] is False)
+        assert res["response"]["allowed"] is False
         assert "tuning.output.image: is already the output of workspace default/workspace-tuning-phi-3" in \
             res["response"]["status"]["message"]
         copycat["tuning"]["output"]["image"] = "registry.example.com/team/other:1"
