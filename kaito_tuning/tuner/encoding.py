@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from kaito_tuning.tuner.inputs import DatasetInvalid
+from kaito_tuning.tuner.pieces import PieceEncoder
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class _Ragged:
 
     values: Any  # np.ndarray int32
     lengths: Any  # np.ndarray int64
+    encodings: Any = None  # the tokenizer's Encoding objects, where offsets were asked for
 
     @property
     def starts(self):
@@ -59,21 +61,22 @@ class Encoder:
             backend.no_padding()
         backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
         self.backend = backend
+        self.pieces = PieceEncoder.for_backend(backend, tokenizer.added_tokens_decoder.values())
+        self.adds_tokens = backend.num_special_tokens_to_add(False) > 0
 
-    def encodings(self, texts: list[str], add_special_tokens: bool, offsets: bool = False):
+    def encode(self, texts: list[str], add_special_tokens: bool, offsets: bool = False) -> _Ragged:
+        """Token ids of each text, as ``tokenizer(texts)`` gives them (and its Encodings where ``offsets``);
+        by unique piece (``pieces.py``) where that gives the same ids."""
+        if self.pieces is not None and not offsets and not (add_special_tokens and self.adds_tokens):
+            return _Ragged(*self.pieces.encode(texts))
         if not texts:
-            return []
+            return _Ragged(np.zeros(0, np.int32), np.zeros(0, np.int64), [] if offsets else None)
         fn = self.backend.encode_batch if offsets else self.backend.encode_batch_fast
-        return fn(texts, add_special_tokens=add_special_tokens)
-
-    @staticmethod
-    def ragged(encodings) -> _Ragged:
+        encodings = fn(texts, add_special_tokens=add_special_tokens)
         rows = [np.array(e.ids, dtype=np.int32) for e in encodings]  # a third faster than one chained fromiter
         lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
-        return _Ragged(np.concatenate(rows) if rows else np.zeros(0, np.int32), lengths)
-
-    def encode(self, texts: list[str], add_special_tokens: bool) -> _Ragged:
-        return self.ragged(self.encodings(texts, add_special_tokens))
+        return _Ragged(np.concatenate(rows) if rows else np.zeros(0, np.int32), lengths,
+                       encodings if offsets else None)
 
     def prefix_cut_ok(self) -> bool:
         """Whether a text cut between a letter and ' ' + a letter tokenizes as the whole text's leading tokens.
@@ -108,7 +111,7 @@ def run_work(work, enc: Encoder) -> tuple[_Ragged, dict]:
         for lo in range(0, work.rows, CHUNK):
             hi = min(work.rows, lo + CHUNK)
             requests, ctx = work.texts(lo, hi)
-            pending.append((ctx, pool.submit(lambda rq: [enc.encodings(t, s, o) for t, s, o in rq], requests)))
+            pending.append((ctx, pool.submit(lambda rq: [enc.encode(t, s, o) for t, s, o in rq], requests)))
             if len(pending) > INFLIGHT:
                 ctx0, fut0 = pending.popleft()
                 parts.append(work.finish(ctx0, fut0.result()))
@@ -234,9 +237,9 @@ class TextWork:
         cut_texts, cut = self.cutter.cut(texts)
         return [(cut_texts, True, False)], (lo, texts, cut)
 
-    def finish(self, ctx, encodings):
+    def finish(self, ctx, results):
         lo, texts, cut = ctx
-        ids = Encoder.ragged(encodings[0])
+        ids = results[0]
         if cut is not None:
             if not self.cutter.check(ids, texts, cut):
                 self.cutter, self.redo = None, True
@@ -261,16 +264,16 @@ class MessagesWork:
         cut_texts, cut = self.cutter.cut(texts)
         return [(cut_texts, False, False)], (lo, spans, texts, cut)
 
-    def finish(self, ctx, encodings):
+    def finish(self, ctx, results):
         lo, spans, texts, cut = ctx
-        ids = Encoder.ragged(encodings[0])
+        ids = results[0]
         if cut is not None:
             if not self.cutter.check(ids, texts, cut):
                 self.cutter, self.redo = None, True
             return (self.cutter.mend(ids, texts, cut) if self.cutter else ids), {}
         if not self.spans:
             return ids, {}
-        mask = _span_mask(encodings[0], spans, ids)
+        mask = _span_mask(ids.encodings, spans, ids)
         _require_assistant_tokens(mask, ids, self.name, lo)
         return ids, {"assistant": mask}
 
@@ -286,8 +289,8 @@ class TextPairsWork:
         p = self.prompts[lo:hi]
         return [(p, True, False), ([a + b for a, b in zip(p, self.completions[lo:hi])], True, False)], None
 
-    def finish(self, ctx, encodings):
-        prompt, full = (Encoder.ragged(e) for e in encodings)
+    def finish(self, ctx, results):
+        prompt, full = results
         return full, {"completion": _completion_mask(full, _common_prefix(prompt, full))}
 
 
@@ -326,10 +329,10 @@ class ChatPairsWork:
             return requests, (lo, None, hi - lo, f_tails, cut)
         return [(f_texts, False, False), (p_texts, False, False)], (lo, None, None, None, None)
 
-    def finish(self, ctx, encodings):
+    def finish(self, ctx, results):
         lo, spans, split_rows, f_tails, cut = ctx
         if split_rows is not None:
-            parts = Encoder.ragged(encodings[0])
+            parts = results[0]
             head, p_tail, f_tail = (_slice_rows(parts, i * split_rows, (i + 1) * split_rows) for i in range(3))
             if cut is not None and self.cutter is not None:
                 if not self.cutter.check(f_tail, f_tails, cut):
@@ -339,7 +342,7 @@ class ChatPairsWork:
             full, prompt = _concat_rows(head, f_tail), _concat_rows(head, p_tail)
             if lo == 0:
                 k = min(split_rows, CHECK_ROWS)
-                whole, whole_p = Encoder.ragged(encodings[1]), Encoder.ragged(encodings[2])
+                whole, whole_p = results[1], results[2]
                 cut_k = cut[:k] if cut is not None else np.zeros(k, bool)
                 if not (_leading_rows(whole, _slice_rows(full, 0, k), cut_k)
                         and _same_rows(whole_p, _slice_rows(prompt, 0, k))):
@@ -347,10 +350,10 @@ class ChatPairsWork:
                              "boundary) as a whole; tokenizing prompts and completions whole")
                     self.cands, self.cutter, self.redo = None, None, True
             return full, {"completion": _completion_mask(full, head.lengths + _common_prefix(p_tail, f_tail))}
-        full, prompt = Encoder.ragged(encodings[0]), Encoder.ragged(encodings[1])
+        full, prompt = results
         masks = {"completion": _completion_mask(full, _common_prefix(prompt, full))}
         if spans is not None:
-            masks["assistant"] = _span_mask(encodings[0], spans, full)
+            masks["assistant"] = _span_mask(full.encodings, spans, full)
             _require_assistant_tokens(masks["assistant"], full, self.name, lo)
         return full, masks
 
