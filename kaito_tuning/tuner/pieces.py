@@ -1,8 +1,8 @@
 """Byte-level BPE by unique piece: the tokenizer's own pre-tokenizer split, done once per distinct piece.
 
-A byte-level BPE tokenizer (GPT-2's regex, no normalizer: SmolLM2, Qwen2-style, Phi-3-small ...) first
-splits a text at its added tokens, then splits each stretch between them with one regex, and runs BPE on
-each piece alone. Natural text repeats a few hundred thousand distinct pieces millions of times, and the
+A byte-level BPE tokenizer (GPT-2's regex: SmolLM2, GPT-2; Llama-3's and Qwen2's: Llama-3.x, DeepSeek-R1
+distills, Qwen2.5, Phi-4) first splits a text at its added tokens, then splits each stretch between them
+with one regex, and runs BPE on each piece alone. Natural text repeats a few hundred thousand distinct pieces millions of times, and the
 Rust tokenizer spends most of its time re-splitting and re-mapping them (about 1.3 us a token here). For
 ASCII text the regex's classes are plain ASCII ranges, so Python's own ``re`` splits it the same way at a
 fifth of that cost; each distinct piece is then encoded once by the tokenizer itself, and every row is
@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 #: GPT-2's pre-tokenizer pattern (tokenizers' ByteLevel with use_regex) with its Unicode classes written for
 #: ASCII text: \p{L} is [A-Za-z], \p{N} is [0-9], and \s (Oniguruma: 9-13, 0x85, Zs, Zl, Zp) is re.ASCII's \s
 GPT2_ASCII = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]+| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+", re.ASCII)
+#: the ``Split`` patterns of tokenizer.json files this module knows (Llama-3 and tiktoken's cl100k; Qwen2),
+#: written for ASCII text the same way; each covers every character, so its matches are all the pieces
+SPLIT_ASCII = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]{1,3}| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\nA-Za-z0-9]?[A-Za-z]+|[0-9]| ?[^\sA-Za-z0-9]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+#: normalizers that leave ASCII text as it is
+ASCII_NEUTRAL = {None, "NFC", "NFKC", "NFD", "NFKD"}
 #: rows checked against the tokenizer on the first call
 CHECK_ROWS = 64
 
@@ -35,8 +45,8 @@ class PieceEncoder:
     encodes (its work holds the GIL anyway: handing a second thread's texts to the Rust tokenizer meanwhile
     measured no faster)."""
 
-    def __init__(self, backend, added: dict[str, int]):
-        self.backend = backend
+    def __init__(self, backend, added: dict[str, int], pattern: re.Pattern = GPT2_ASCII):
+        self.backend, self.pattern = backend, pattern
         ordered = sorted(added, key=len, reverse=True)  # at one position the longest token wins (leftmost-longest)
         self.special = re.compile("(" + "|".join(map(re.escape, ordered)) + ")") if ordered else None
         self.index = _Numbering()
@@ -53,13 +63,13 @@ class PieceEncoder:
     @classmethod
     def for_backend(cls, backend, added_tokens) -> PieceEncoder | None:
         """The piece encoder for this ``tokenizers.Tokenizer``, or None where its output could differ: a
-        normalizer, any pre-tokenizer but plain ByteLevel with GPT-2's regex, a model but BPE without dropout,
-        special tokens left in the text, or added tokens that strip or match only whole words or are matched
-        in two passes."""
-        pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else {}
-        if backend.normalizer is not None or pre.get("type") != "ByteLevel" or not pre.get("use_regex", True) \
-                or pre.get("add_prefix_space") or type(backend.model).__name__ != "BPE" or backend.model.dropout \
-                or backend.encode_special_tokens:
+        normalizer that changes ASCII text, a pre-tokenizer but byte-level with a known pattern (``_pattern``),
+        a model but BPE without dropout, special tokens left in the text, or added tokens that strip or match
+        only whole words or are matched in two passes."""
+        state = (lambda part: json.loads(part.__getstate__()) if part is not None else {})  # noqa: E731
+        pattern = _pattern(state(backend.pre_tokenizer))
+        if pattern is None or state(backend.normalizer).get("type") not in ASCII_NEUTRAL \
+                or type(backend.model).__name__ != "BPE" or backend.model.dropout or backend.encode_special_tokens:
             return None
         tokens = list(added_tokens)
         if any(t.lstrip or t.rstrip or t.single_word for t in tokens) or len({t.normalized for t in tokens}) > 1:
@@ -67,7 +77,7 @@ class PieceEncoder:
         added = {str(t.content): backend.token_to_id(str(t.content)) for t in tokens if str(t.content)}
         if any(v is None for v in added.values()):
             return None
-        return cls(backend, added)
+        return cls(backend, added, pattern)
 
     def _append(self, ids: list) -> None:
         """The tokens of the pieces numbered next."""
@@ -87,7 +97,7 @@ class PieceEncoder:
         """Every row's pieces in order (added tokens included), and how many each row has."""
         pieces: list[str] = []
         counts: list[int] = []
-        findall, split = GPT2_ASCII.findall, self.special.split if self.special else None
+        findall, split = self.pattern.findall, self.special.split if self.special else None
         for text in texts:
             n0 = len(pieces)
             if split is None:
@@ -142,6 +152,23 @@ class PieceEncoder:
                 self.disabled = True
                 return self._backend(texts)
         return values, lengths
+
+
+def _pattern(pre: dict) -> re.Pattern | None:
+    """The ASCII pattern that splits text as this pre-tokenizer does: ByteLevel with GPT-2's regex, or a
+    known ``Split`` (isolated) followed by ByteLevel without its regex; None for anything else."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return GPT2_ASCII
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+    if not steps or len(steps) != 2:
+        return None
+    split, level = steps
+    regex = (split.get("pattern") or {}).get("Regex")
+    if split.get("type") != "Split" or split.get("behavior") != "Isolated" or split.get("invert") \
+            or regex not in SPLIT_ASCII or level.get("type") != "ByteLevel" or level.get("use_regex", True) \
+            or level.get("add_prefix_space"):
+        return None
+    return re.compile(SPLIT_ASCII[regex], re.ASCII)
 
 
 class _Numbering(dict):

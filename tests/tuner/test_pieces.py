@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 from fixtures_models import build_tokenizer
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kaito_tuning.tuner import pieces
@@ -23,7 +23,28 @@ def tok(tmp_path_factory):
 
 
 def rust(tok, texts):
-    return [e.ids for e in tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    backend = getattr(tok, "_tokenizer", tok)
+    return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+          r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def styled(tok, style: str):
+    """The tiny tokenizer's vocabulary behind GPT-2's pre-tokenizer (as built), Llama-3's or Qwen2's (with its
+    NFC normalizer), as their tokenizer.json files declare them."""
+    from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+
+    backend = Tokenizer.from_str(tok._tokenizer.to_str())
+    if style != "gpt2":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3 if style == "llama3" else QWEN2), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if style == "qwen2":
+        backend.normalizer = normalizers.NFC()
+    return backend
 
 
 def rows(values, lengths):
@@ -39,15 +60,20 @@ FRAGMENTS = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d", "'S", "'x", "''", " ",
              "<|end", "end|>", "_", "-", "@", "é", "“", "\u00a0", "\u2028", "\u0085", "日本", "🙂", "ﬁ"]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=30).map("".join),
-                min_size=1, max_size=8))
-def test_same_ids_as_the_tokenizer_on_any_text(tok, texts):
-    enc = PieceEncoder.for_backend(tok._tokenizer, tok.added_tokens_decoder.values())
-    assert enc is not None
-    got = enc.encode(texts)
-    assert rows(*got) == rust(tok, texts)
-    assert not enc.disabled
+@pytest.mark.parametrize("style", ["gpt2", "llama3", "qwen2"])
+def test_same_ids_as_the_tokenizer_on_any_text(tok, style):
+    backend = styled(tok, style)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.lists(st.sampled_from(FRAGMENTS) | st.text(max_size=6), max_size=30).map("".join),
+                    min_size=1, max_size=8))
+    def same(texts):
+        enc = PieceEncoder.for_backend(backend, backend.get_added_tokens_decoder().values())
+        assert enc is not None
+        assert rows(*enc.encode(texts)) == rust(backend, texts)
+        assert not enc.disabled
+
+    same()
 
 
 def test_pieces_seen_before_are_reused_across_calls_and_threads(tok):
@@ -87,11 +113,11 @@ def test_a_split_that_differs_from_the_tokenizer_is_caught_and_the_tokenizer_use
 
 
 def _variant(tok, change):
-    from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 
     backend = Tokenizer.from_str(tok._tokenizer.to_str())
     if change == "normalizer":
-        backend.normalizer = normalizers.NFC()
+        backend.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(" ", "_")])
     elif change == "prefix space":
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     elif change == "digits":
@@ -99,12 +125,19 @@ def _variant(tok, change):
                                                          pre_tokenizers.ByteLevel(add_prefix_space=False)])
     elif change == "split special tokens":
         backend.encode_special_tokens = True
+    elif change == "unknown split":
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r"\p{L}+|\s+|."), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif change == "lowercase":
+        backend.normalizer = normalizers.Lowercase()
     elif change == "lstrip token":
         backend.add_special_tokens([AddedToken("<mask>", lstrip=True)])
     return backend
 
 
-@pytest.mark.parametrize("change", ["normalizer", "prefix space", "digits", "split special tokens", "lstrip token"])
+@pytest.mark.parametrize("change", ["normalizer", "lowercase", "prefix space", "digits", "unknown split",
+                                    "split special tokens", "lstrip token"])
 def test_tokenizers_it_cannot_match_are_left_to_the_tokenizer(tok, change):
     backend = _variant(tok, change)
     added = backend.get_added_tokens_decoder().values()
