@@ -35,6 +35,8 @@ SPLIT_ASCII = {
 }
 #: normalizers that leave ASCII text as it is
 ASCII_NEUTRAL = {None, "NFC", "NFKC", "NFD", "NFKD"}
+#: new pieces encoded in one text
+FRESH_GROUP = 2000
 #: rows checked against the tokenizer on the first call
 CHECK_ROWS = 64
 
@@ -53,9 +55,12 @@ class PieceEncoder:
         self.flat = np.zeros(0, np.int32)
         self.starts = np.zeros(0, np.int64)
         self.lengths = np.zeros(0, np.int64)
-        for text, tid in added.items():  # an added token is one piece of one known id
+        for text in added:  # an added token is one piece of one known id
             self.index[text] = len(self.index)
-            self._append([[tid]])
+        self._append(np.array(list(added.values()), np.int32), np.ones(len(added), np.int64))
+        # new pieces are encoded joined by an added token: the tokenizer splits there before anything else,
+        # so each piece is encoded alone, without a sequence (and its Encoding) per piece
+        self.sep = next(iter(added.items()), None)
         self.lock = threading.Lock()
         self.checked = False
         self.disabled = False
@@ -79,13 +84,28 @@ class PieceEncoder:
             return None
         return cls(backend, added, pattern)
 
-    def _append(self, ids: list) -> None:
-        """The tokens of the pieces numbered next."""
-        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+    def _append(self, values, lengths) -> None:
+        """The tokens of the pieces numbered next: all in order, and how many each has."""
         self.starts = np.concatenate([self.starts, self.flat.size + np.cumsum(lengths) - lengths])
         self.lengths = np.concatenate([self.lengths, lengths])
-        self.flat = np.concatenate([self.flat, np.fromiter((i for row in ids for i in row), np.int32,
-                                                           count=int(lengths.sum()))])
+        self.flat = np.concatenate([self.flat, values])
+
+    def _fresh(self, pieces: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of pieces not seen before (see ``sep``), as ``_backend`` gives them."""
+        if self.sep is None:
+            return self._backend(pieces)
+        text, sep = self.sep
+        groups = [pieces[i:i + FRESH_GROUP] for i in range(0, len(pieces), FRESH_GROUP)]
+        values, lengths = [], []
+        for group, enc in zip(groups, self.backend.encode_batch_fast([text.join(g) for g in groups],
+                                                                     add_special_tokens=False)):
+            ids = np.array(enc.ids, np.int32)
+            at = np.flatnonzero(ids == sep)
+            if at.size != len(group) - 1:  # cannot happen: a piece never holds the token's text
+                return self._backend(pieces)
+            lengths.append(np.diff(np.concatenate([[-1], at, [ids.size]])) - 1)
+            values.append(np.delete(ids, at))
+        return np.concatenate(values), np.concatenate(lengths).astype(np.int64)
 
     def _backend(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         enc = self.backend.encode_batch_fast(texts, add_special_tokens=False) if texts else []
@@ -116,7 +136,7 @@ class PieceEncoder:
         self.index.fresh = []
         idx = np.fromiter(map(self.index.__getitem__, pieces), np.int64, count=len(pieces))
         if self.index.fresh:
-            self._append([e.ids for e in self.backend.encode_batch_fast(self.index.fresh, add_special_tokens=False)])
+            self._append(*self._fresh(self.index.fresh))
         n = self.lengths[idx]
         first = self.starts[idx]
         ends = np.cumsum(n)

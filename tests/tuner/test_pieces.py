@@ -112,6 +112,22 @@ def test_a_split_that_differs_from_the_tokenizer_is_caught_and_the_tokenizer_use
     assert rows(*enc.encode(texts)) == rust(tok, texts)
 
 
+def test_new_pieces_are_encoded_alone_with_or_without_an_added_token_to_join_them(tok):
+    import json
+
+    from tokenizers import Tokenizer
+
+    texts = [f"Row {i}: {'x' * i}yz   'll  tail\n" for i in range(60)]
+    enc = PieceEncoder.for_backend(tok._tokenizer, tok.added_tokens_decoder.values())
+    enc.sep = (enc.sep[0], -1)  # the joining token's id never found: each piece encoded on its own instead
+    assert rows(*enc.encode(texts)) == rust(tok, texts)
+    doc = json.loads(tok._tokenizer.to_str())
+    doc["added_tokens"] = []
+    bare = Tokenizer.from_str(json.dumps(doc))
+    enc = PieceEncoder.for_backend(bare, [])
+    assert enc.sep is None and rows(*enc.encode(texts)) == rust(bare, texts)
+
+
 def _variant(tok, change):
     from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
 
