@@ -18,7 +18,7 @@ Each variant runs in its own process on the same file, with the same tokenizer
   settings, cache off (``--cache`` also times a second, cached run).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_dataprep.py [--rows 15011] [--variants trl,trl-recipe,ours]
-        [--packing] [--max-length 1024]
+        [--packing] [--max-length 1024] [--rare-words 0.02] [--non-ascii 0.15]
 
 Prints one JSON line per variant, then a Markdown table with seconds and ratios.
 """
@@ -66,9 +66,13 @@ def sentences() -> list[str]:
     return sorted(set(out))
 
 
-def make_data(path: Path, rows: int = ROWS, seed: int = 0, max_context_words: int = 1500) -> Path:
+def make_data(path: Path, rows: int = ROWS, seed: int = 0, max_context_words: int = 1500, rare_words: float = 0.0,
+              non_ascii: float = 0.0) -> Path:
     """A dolly-shaped messages parquet (see the module docstring); ``max_context_words`` caps the context
-    passages (bench_overhead.py keeps every prompt shorter than max_length, so no row loses its answer)."""
+    passages (bench_overhead.py keeps every prompt shorter than max_length, so no row loses its answer).
+    The sentences come from a few thousand distinct words; ``rare_words`` swaps that share of words for random
+    letter strings (a wider vocabulary: 0.02 gives ~125k distinct pieces), ``non_ascii`` puts a non-ASCII word
+    into that share of answers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -81,6 +85,10 @@ def make_data(path: Path, rows: int = ROWS, seed: int = 0, max_context_words: in
         count = 0
         while count < n:
             s = rng.choice(pool)
+            if rare_words:
+                s = " ".join(w if rng.random() >= rare_words else
+                             "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+                             for w in s.split(" "))
             text.append(s)
             count += len(s.split())
         return " ".join(text)
@@ -91,6 +99,8 @@ def make_data(path: Path, rows: int = ROWS, seed: int = 0, max_context_words: in
         if rng.random() < 0.35:  # dolly: about a third of the rows carry a context passage
             instruction += "\n\n" + words(215, 0.7, 30, max_context_words)
         answer = words(190, 0.9, 3, 1800)
+        if rng.random() < non_ascii:
+            answer += " " + rng.choice(["Café", "“quoted”", "naïve", "São Paulo", "10 °C", "—", "日本"])
         msgs.append([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}])
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"messages": msgs}), path)
@@ -200,6 +210,8 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--cache", action="store_true", help="also time a second, cached preparation of ours")
     ap.add_argument("--file", help="use this messages parquet instead of generating one")
+    ap.add_argument("--rare-words", type=float, default=0.0, help="share of words made random (wider vocabulary)")
+    ap.add_argument("--non-ascii", type=float, default=0.0, help="share of answers holding a non-ASCII word")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--tokenizer", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -207,7 +219,8 @@ def main() -> None:
     if args.child:
         return child(args)
     with tempfile.TemporaryDirectory() as tmp:
-        file = Path(args.file) if args.file else make_data(Path(tmp) / "data" / "dolly-like.parquet", args.rows)
+        file = Path(args.file) if args.file else make_data(Path(tmp) / "data" / "dolly-like.parquet", args.rows,
+                                                             rare_words=args.rare_words, non_ascii=args.non_ascii)
         tok_dir = smollm2_dir()
         print(f"# uptime: {os.popen('uptime').read().strip()}", flush=True)
         results = []
