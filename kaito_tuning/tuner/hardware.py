@@ -104,6 +104,7 @@ class Plan:
     accumulation: int | None = None      # gradient_accumulation_steps
     batch_from_config: bool = False      # the ConfigMap's batch, left as it is
     token_budget: int | None = None      # tokens of activations the free memory holds per micro-step
+    layout: str = "padded"               # or "cheaper": each batch padded or end to end by its cost (batches.py)
     estimate_gib: dict = field(default_factory=dict)
     reasons: dict = field(default_factory=dict)
 
@@ -133,7 +134,7 @@ class Plan:
                 "dtype": self.dtype, "attn_implementation": self.attention, "packing": self.packing,
                 "gradient_checkpointing": self.gradient_checkpointing, "per_device_train_batch_size": self.rows,
                 "gradient_accumulation_steps": self.accumulation, "batch_from_config": self.batch_from_config,
-                "token_budget": self.token_budget,
+                "token_budget": self.token_budget, "layout": self.layout,
                 "estimate_gib": self.estimate_gib, "reasons": dict(self.reasons)}
 
 
@@ -204,6 +205,20 @@ def _with_packing(plan: Plan, why: str, asked) -> Plan:
     else:
         packing = plan.attention in PACKING_ATTENTION
     return dataclasses.replace(plan, packing=packing, reasons={**plan.reasons, "attention": why})
+
+
+def row_layout(plan: Plan, training: dict, *, native_model: bool) -> Plan:
+    """Each batch padded, or end to end where that costs fewer FLOPs (``batches.py``): on a CPU, with sdpa or
+    eager attention on a model transformers implements itself (its masks keep end-to-end rows apart), more
+    than one row a step and no packing. ``TrainingArguments.padding_free`` wins (TRL's own collator)."""
+    if plan.device.cuda or plan.packing or training.get("padding_free") is not None or (plan.rows or 1) < 2:
+        return plan
+    if plan.attention not in ("sdpa", "eager") or not native_model:
+        why = f"{plan.attention} attention" if native_model else "a model with its own code (trust_remote_code)"
+        return dataclasses.replace(plan, reasons={**plan.reasons, "layout": f"rows padded: {why}"})
+    return dataclasses.replace(plan, layout="cheaper", reasons={
+        **plan.reasons, "layout": (f"the {plan.rows} rows of each batch padded, or end to end where that costs fewer "
+                                   f"FLOPs ({plan.attention}'s mask keeps each row to itself)")})
 
 
 def dtype_name(asked) -> str | None:

@@ -134,9 +134,10 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         model, tokenizer = load(attn)
     # gradient checkpointing and rows per step from the memory left free once the weights are in place
     kernels = gpu_kernels(on_gpu, user_args)
-    hw = hardware.size_batch(hw, hardware.read_device(),
-                             hardware.model_shape(model.config, p.parameters_b * 1e9, config.quantized), user_args,
+    shape = hardware.model_shape(model.config, p.parameters_b * 1e9, config.quantized)
+    hw = hardware.size_batch(hw, hardware.read_device(), shape, user_args,
                              lora=config.section("LoraConfig"), liger=bool({**user_args, **kernels}.get("use_liger_kernel")))
+    hw = hardware.row_layout(hw, user_args, native_model=type(model).__module__.startswith("transformers."))
     for line in hw.log_lines():
         log.info("hardware: %s", line)
     packing = hw.packing
@@ -165,6 +166,10 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
     train_ds, eval_ds, prep = prepare_data(data, tokenizer, args, loss_mask, out)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
+    if hw.layout == "cheaper":  # TRL's collator (its pad token), padded or padding-free batch by batch
+        from kaito_tuning.tuner.batches import CheaperLayout
+
+        trainer.data_collator = CheaperLayout(shape, trainer.data_collator)
     timings["prepare"] = round(time.monotonic() - t_start - timings["load"], 2)
 
     # ---- 5. train (resuming from the newest complete checkpoint), evaluate
@@ -218,7 +223,8 @@ def train(*, preset, method: str, config: TuningConfig, data: Splits, output_dir
         else lora.target_modules,
         "quantization": quant or None, "dtype": str(dtype).removeprefix("torch."), "attn_implementation": attn,
         "packing": packing, "loss_mask": loss_mask, "data_formats": data.formats,
-        "liger_kernel": bool(sft_args.get("use_liger_kernel")), "hardware": hw.metadata(),
+        "liger_kernel": bool(sft_args.get("use_liger_kernel")),
+        "hardware": {**hw.metadata(), "layout_batches": getattr(trainer.data_collator, "counts", None)},
         "datasets": [{"name": f.name, "url": redact.url(f.url) if f.url else None, "sha256": f.sha256, "size": f.size}
                      for f in data.files],
         "dataset_digests": [f"sha256:{f.sha256}" for f in data.files],
