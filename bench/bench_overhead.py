@@ -155,7 +155,8 @@ def run_ours(file: Path, model_dir: str, steps: int, max_length: int, env: dict,
     timings["save"] = float(saved.group(1)) if saved else None
     return {"variant": "ours", "wall": wall, "peak_rss_gib": rss / 2**30, **timings,
             "tokens_per_second": progress.get("tokens_per_second"), "steps": meta["steps"],
-            "tokens": meta.get("tokens_seen"), "data_preparation": meta.get("data_preparation")}
+            "tokens": meta.get("tokens_seen"), "data_preparation": meta.get("data_preparation"),
+            "layout_batches": (meta.get("hardware") or {}).get("layout_batches")}
 
 
 def main() -> None:
