@@ -14,6 +14,7 @@ So the CRD, ``kubectl explain`` and the Python model cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
 from typing import Any
@@ -145,8 +146,7 @@ def from_json(cls: type, obj: Any, path: str, problems: list[Problem]) -> Any:
     if not isinstance(obj, dict):
         problems.append(Problem(path, f"must be a mapping, got {_kind(obj)}"))
         obj = {}
-    hints = typing.get_type_hints(cls)
-    by_json = {json_name(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    hints, by_json = _fields(cls)
     kwargs = {}
     for key, value in obj.items():
         label = clip(key, 60) if isinstance(key, str) else short(key, 60)
@@ -166,6 +166,14 @@ def from_json(cls: type, obj: Any, path: str, problems: list[Problem]) -> Any:
             problems.append(Problem(sub, "is required"))
     kwargs = {k: v for k, v in kwargs.items() if v is not _BAD}
     return cls(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _fields(cls: type) -> tuple[dict, dict[str, dataclasses.Field]]:
+    """(type hints, fields by JSON name) of a dataclass: resolved once per class, not per object parsed (the
+    operator parses every workspace it reconciles; ``get_type_hints`` was a tenth of that)."""
+    hints = typing.get_type_hints(cls)
+    return hints, {json_name(f): f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
 
 
 _BAD = object()
