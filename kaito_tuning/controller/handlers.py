@@ -31,6 +31,7 @@ from kaito_tuning.controller import decisions as d
 from kaito_tuning.controller import logs, reconciler
 from kaito_tuning.controller import status as st
 from kaito_tuning.controller.reconciler import Outcome, Reconciler, api_error_text, ws_key
+from kaito_tuning.controller.seen import OwnStatusWrites
 from kaito_tuning.controller.settings import Settings, from_env
 from kaito_tuning.errors import KaitoError, TransientError, UserError
 from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION
@@ -54,16 +55,17 @@ class ApiCallFailed(TransientError):
 CHANGED_RETRY_SECONDS = 1.0
 
 
-def _write_status(rec: Reconciler, body, new: dict) -> None:
+def _write_status(rec: Reconciler, body, new: dict) -> str | None:
     """The handler's status, written by us (not kopf's patch, which kopf retries on its own and may land after
     a newer status) and only onto the workspace it was computed from (its resourceVersion). A 409: the
-    workspace changed meanwhile; kopf runs the handler again on the new one."""
+    workspace changed meanwhile; kopf runs the handler again on the new one. Returns the workspace's
+    resourceVersion after the write (None: nothing written)."""
     meta = body["metadata"]
     if dict(body.get("status") or {}) == new:
-        return  # nothing to change (a blocker re-checked every retry_delay_seconds)
+        return None  # nothing to change (a blocker re-checked every retry_delay_seconds)
     try:
-        rec.write_status(meta.get("namespace") or "default", meta["name"], body.get("status"), new,
-                         meta.get("resourceVersion"))
+        return rec.write_status(meta.get("namespace") or "default", meta["name"], body.get("status"), new,
+                                meta.get("resourceVersion"))
     except ApiException as e:
         if e.status != 409:
             raise
@@ -91,6 +93,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     """Register the handlers into ``registry`` (a fresh one by default) and return it."""
     registry = registry or kopf.OperatorRegistry()
     rec = Reconciler(settings, api_client)
+    own_writes = OwnStatusWrites()
     reported = functools.partial(_reported, rec=rec, delay=settings.retry_delay_seconds)
     wsres = (GROUP, STORAGE_VERSION, PLURAL)
     labelled = {LABEL_WORKSPACE: kopf.PRESENT}
@@ -118,11 +121,17 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     @kopf.on.update(*wsres, registry=registry)
     @reported
     def reconcile_workspace(body, output_images, **_):
+        uid = body["metadata"].get("uid")
+        if own_writes.is_own_echo(body):  # already reconciled: only our own status write is new (seen.py)
+            logs.decision(ws_key(body), "skip", "the workspace as its last reconcile left it: nothing to do", level=10)
+            return
         outcome = rec.reconcile(body, images=output_images)
-        _write_status(rec, body, outcome.status)
+        written = _write_status(rec, body, outcome.status)
         _post(body, outcome)
         if outcome.retry_after:
+            own_writes.forget(uid)
             raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
+        own_writes.record(uid, written)
 
     @kopf.on.delete(*wsres, registry=registry, optional=not settings.node_auto_provisioning)
     def release_nodes(body, **_):

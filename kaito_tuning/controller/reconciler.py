@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import http.client
+import inspect
 import json
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ DOCKERCONFIGJSON = "kubernetes.io/dockerconfigjson"
 API_TIMEOUT_SECONDS = 30.0
 PROGRESS_DEADLINE_SECONDS = 3.0  # the whole /progress read, connect to last byte (a kopf worker waits for it)
 PROGRESS_MAX_BYTES = 1 << 16
+DEFAULT_CONFIGMAP_TTL_SECONDS = 30.0  # how long a namespace's default ConfigMap, once there, is not created again
 
 
 @dataclass
@@ -59,9 +61,27 @@ def _api_status(e: ApiException) -> int:
 
 
 def _json(call, *args, **kwargs) -> dict:
-    """The API server's JSON answer as plain dicts: the form watch events have, without the
-    client's model round trip (parsing every field into models, then back to dicts)."""
-    return json.loads(call(*args, _preload_content=False, **kwargs).data)
+    """``call(*args, **kwargs)`` (a kubernetes client method) answered as plain dicts: the form watch events
+    have, without the client's model round trip (parsing every field into models, then back to dicts) and
+    without its per-call argument validation (pydantic: 7% of a reconcile's CPU, py-spy). The request is the
+    one the method builds (its ``_<name>_serialize``: same path, query, headers, content type)."""
+    api = call.__self__
+    serialize = getattr(api, f"_{call.__name__}_serialize")
+    names = _serializer_params(serialize.__func__)
+    values = {**dict.fromkeys(names), **dict(zip(names, args)), "_host_index": 0, **kwargs}
+    return _answer(api.api_client.call_api(*serialize(**values)))
+
+
+@functools.lru_cache(maxsize=None)
+def _serializer_params(fn) -> tuple[str, ...]:
+    return tuple(inspect.signature(fn).parameters)[1:]  # without self
+
+
+def _answer(response) -> dict:
+    response.read()
+    if not 200 <= response.status <= 299:
+        raise ApiException(http_resp=response)
+    return json.loads(response.data)
 
 
 @functools.lru_cache(maxsize=64)
@@ -111,6 +131,7 @@ class Reconciler:
     def __init__(self, settings: Settings, api_client=None):
         self.settings = settings
         self.seen = SeenObjects()
+        self._configmaps: dict[tuple[str, str], float] = {}  # default ConfigMaps known to exist: when last seen
         api_client = api_client or TimedApiClient()
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
@@ -127,15 +148,11 @@ class Reconciler:
         version = obj["apiVersion"]
         assert version.rpartition("/")[0] == group, f"{obj['kind']} is {version}, not in group {group!r}"
         prefix = "/api/v1" if version == "v1" else f"/apis/{version}"
-        request = api.param_serialize(
+        method, url, headers, _, _ = api.param_serialize(
             method="POST", resource_path=f"{prefix}/namespaces/{{namespace}}/{plural}",
-            path_params={"namespace": namespace}, body=obj, auth_settings=["BearerToken"],
+            path_params={"namespace": namespace}, auth_settings=["BearerToken"],
             header_params={"Accept": "application/json", "Content-Type": "application/json"})
-        response = api.call_api(*request)
-        response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException(http_resp=response)
-        return json.loads(response.data)
+        return _answer(api.call_api(method, url, headers, obj))  # param_serialize would walk the body (sanitize)
 
     # ---------------------------------------------------------------- entry points
 
@@ -186,22 +203,25 @@ class Reconciler:
 
     def get_workspace(self, namespace: str, name: str) -> dict | None:
         try:
-            return self.custom.get_namespaced_custom_object(GROUP, STORAGE_VERSION, namespace, PLURAL, name)
+            return _json(self.custom.get_namespaced_custom_object, GROUP, STORAGE_VERSION, namespace, PLURAL, name)
         except ApiException as e:
             if _api_status(e) == 404:
                 return None
             raise
 
     def write_status(self, namespace: str, name: str, previous: dict | None, status: dict,
-                     resource_version: str | None = None) -> None:
+                     resource_version: str | None = None) -> str | None:
         """Replace the status (stale keys of ``previous`` set to null in the merge patch). With
         ``resource_version`` (that of the workspace the status was computed from), only if the workspace
         has not changed since: the API server answers 409 otherwise, so a status computed from an older
-        read (a slow or retried write) never replaces a newer one."""
+        read (a slow or retried write) never replaces a newer one. Returns the workspace's resourceVersion
+        after the write."""
         body = {"status": d.status_patch(previous, status)}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        self.custom.patch_namespaced_custom_object_status(GROUP, STORAGE_VERSION, namespace, PLURAL, name, body)
+        written = _json(self.custom.patch_namespaced_custom_object_status, GROUP, STORAGE_VERSION, namespace, PLURAL,
+                        name, body)
+        return (written.get("metadata") or {}).get("resourceVersion")
 
     def release(self, body: dict) -> None:
         """Delete the workspace's NodeClaim (on workspace deletion)."""
@@ -210,12 +230,16 @@ class Reconciler:
 
     # ---------------------------------------------------------------- tuning
 
-    def _tuning(self, ws: Workspace, obj: dict, prev: dict, gen, progress, images) -> Outcome:
+    def _tuning(self, ws: Workspace, obj: dict, prev: dict, gen, progress, images, fresh: bool | None = None) -> Outcome:
+        """``fresh`` (default: the workspace has no status yet, so no reconcile has finished): the Job is created
+        without reading it first (a 404 on nearly every new workspace). Unless that create makes the Job (it
+        answers 409, or something blocks it), the workspace is reconciled again as any other: Job read first."""
         ns, name, key = ws.namespace, ws.name, ws_key(obj)
         ws_uid = obj["metadata"].get("uid")
         prev_t = prev.get("tuning") or {}
         digest = m.spec_hash(ws)
-        job = self._get_job(ns, name)
+        fresh = not prev if fresh is None else fresh
+        job = None if fresh else self._get_job(ns, name)
         blocker = None
         if job is not None and not d.owned_by(job, ws_uid, name):
             blocker, job = d.conflict("Job", name, ns), None
@@ -249,7 +273,9 @@ class Reconciler:
         recreated = d.recreate_deleted_job(job, prev, digest)
         created = False
         if job is None and blocker is None:
-            job, blocker, created = self._create_job(ws, obj, config, revision, recreated)
+            job, blocker, created = self._create_job(ws, obj, config, revision, recreated, read_on_conflict=not fresh)
+        if fresh and not created:
+            return self._tuning(ws, obj, prev, gen, progress, images, fresh=False)
         # a Job created just now has no pods yet: the job controller makes them once it exists
         pods = d.pods_of(self._pods(ns, name, revision), job["metadata"].get("uid")) \
             if job is not None and not created else []
@@ -327,14 +353,21 @@ class Reconciler:
         return None
 
     def _ensure_default_configmap(self, ws: Workspace) -> str:
-        """Create the method's default ConfigMap in the namespace if missing; return its config text."""
+        """Create the method's default ConfigMap in the namespace if missing; return its config text. Once it
+        exists (created, or 409), it is not created again for ``DEFAULT_CONFIGMAP_TTL_SECONDS`` (a burst of
+        workspaces in one namespace made one create each, all but the first answered 409); one deleted by hand
+        is recreated by the first reconcile after that."""
         cm = m.default_configmap(ws)
-        self._create_ignoring_conflict(lambda: self.create(ws.namespace, cm))
+        key, now = (ws.namespace, cm["metadata"]["name"]), time.monotonic()
+        if now - self._configmaps.get(key, -DEFAULT_CONFIGMAP_TTL_SECONDS) >= DEFAULT_CONFIGMAP_TTL_SECONDS:
+            self._create_ignoring_conflict(lambda: self.create(ws.namespace, cm))
+            self._configmaps[key] = now
         return cm["data"][CONFIG_KEY]
 
-    def _create_job(self, ws: Workspace, obj: dict, config: TuningConfig, revision: int,
-                    recreated: bool) -> tuple[dict | None, dict | None, bool]:
-        """(job, blocker, whether this call created the job)."""
+    def _create_job(self, ws: Workspace, obj: dict, config: TuningConfig, revision: int, recreated: bool,
+                    read_on_conflict: bool = True) -> tuple[dict | None, dict | None, bool]:
+        """(job, blocker, whether this call created the job). A 409 without ``read_on_conflict``: (None, None,
+        False), the caller reads the Job."""
         key = ws_key(obj)
         if (pvc := m.checkpoint_pvc(ws, self.settings)):
             kopf.adopt(pvc, owner=obj)
@@ -361,6 +394,8 @@ class Reconciler:
                           f"created job {ws.name} (revision {revision})", revision=revision)
             self.seen.record("Job", created)  # its ADDED event brings nothing new
             return created, None, True
+        if not read_on_conflict:
+            return None, None, False
         current = self._get_job(ws.namespace, ws.name)  # created meanwhile, maybe by a previous revision
         if current is not None and not d.owned_by(current, obj["metadata"].get("uid"), ws.name):
             return None, d.conflict("Job", ws.name, ws.namespace), False

@@ -1,7 +1,8 @@
-"""Which watch events of Jobs, Deployments and pods are worth a reconcile of their workspace."""
+"""Which watch events of Jobs, Deployments and pods (and of workspaces: ``OwnStatusWrites``) are worth a reconcile."""
 
 from __future__ import annotations
 
+import collections
 import json
 import threading
 
@@ -62,3 +63,42 @@ class SeenObjects:
                 and self._expected.get(key) == annotation(body, ANNOTATION_SPEC_HASH)
             self._digests[key] = digest
             return not own_echo
+
+
+class OwnStatusWrites:
+    """The resourceVersion each workspace got from the status write of its last reconcile that succeeded.
+
+    A reconcile writes the status (our request, resourceVersion A→B), then kopf patches its own annotations
+    (B→C). When the watch lags behind by more than kopf's ``consistency_timeout`` (5 s; seen under load: 1,000
+    workspaces applied at once), kopf takes the event of B for the object's latest state: it lacks kopf's
+    annotations, so kopf calls the create handler again, on a workspace that differs from the one just
+    reconciled only by the status that reconcile wrote (a status write cannot change spec or metadata). That
+    call is answered from here, without a reconcile (5 API requests, and a 409 when its status differed). Only
+    a reconcile that ended without a retry is remembered: a workspace waiting for a retry is reconciled again.
+    Bounded: the oldest entries go first (a forgotten one costs one reconcile).
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._versions: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def record(self, uid: str | None, resource_version: str | None) -> None:
+        if not uid or not resource_version:
+            return
+        with self._lock:
+            self._versions[uid] = resource_version
+            self._versions.move_to_end(uid)
+            while len(self._versions) > self._limit:
+                self._versions.popitem(last=False)
+
+    def forget(self, uid: str | None) -> None:
+        with self._lock:
+            self._versions.pop(uid, None)
+
+    def is_own_echo(self, body) -> bool:
+        """Whether ``body`` is exactly the workspace as our last successful reconcile's status write left it."""
+        meta = body.get("metadata") or {}
+        rv = meta.get("resourceVersion")
+        with self._lock:
+            return rv is not None and self._versions.get(meta.get("uid")) == rv

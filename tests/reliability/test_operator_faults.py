@@ -159,13 +159,25 @@ async def test_api_server_faults_then_recovery(kmock, kubeconfig, tmp_path, zygo
     assert max(len(line) for line in text.splitlines()) < 2000  # no dump of responses or settings
 
 
+MEANWHILE = {
+    # a fresh workspace: its Job is created without a read first; the create is held, then served (409)
+    "fresh workspace, the create held": lambda: [Fault(Fault.on("create", JOBS, namespace=F, token="op"), delay=1.0)],
+    # a workspace reconciled before (its first Job create failed: a status): the read is held, then answers 404
+    "workspace seen before, the read held": lambda: [
+        Fault(Fault.on("create", JOBS, namespace=F, token="op"), 500, times=1),
+        Fault(Fault.on("fetch", JOBS, namespace=F, token="op"), 404, "NotFound", 'jobs.batch "ws" not found',
+              delay=1.0)],
+}
+
+
+@pytest.mark.parametrize("case", list(MEANWHILE))
 async def test_409_on_the_job_create_for_a_job_someone_else_made_meanwhile_is_reported(kmock, kubeconfig, tmp_path,
-                                                                                       zygote):
-    """The operator reads no Job (the read is held, then answers 404), someone else creates one of that name
-    meanwhile, the operator's create answers 409 AlreadyExists: not adopted, not deleted, shown in status."""
-    held = Fault(Fault.on("fetch", JOBS, namespace=F, token="op"), 404, "NotFound", 'jobs.batch "ws" not found',
-                 delay=1.0)
-    kmock.faults.append(held)
+                                                                                       zygote, case):
+    """Someone else creates a Job of the workspace's name while the operator's request (its read, or its create
+    for a fresh workspace) is held; the operator's create answers 409 AlreadyExists: not adopted, not deleted,
+    shown in status."""
+    *_, held = faults = MEANWHILE[case]()
+    kmock.faults.extend(faults)
     foreign = {"apiVersion": "batch/v1", "kind": "Job",
                "metadata": {"name": NAME, "namespace": F, "labels": {"kaito.sh/workspace": NAME}},
                "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "x", "image": "busybox"}]}}}}
