@@ -99,7 +99,7 @@ def make_data(path: Path, rows: int = ROWS, seed: int = 0, max_context_words: in
         if rng.random() < 0.35:  # dolly: about a third of the rows carry a context passage
             instruction += "\n\n" + words(215, 0.7, 30, max_context_words)
         answer = words(190, 0.9, 3, 1800)
-        if rng.random() < non_ascii:
+        if non_ascii and rng.random() < non_ascii:  # no draw when off: the default file stays as it was
             answer += " " + rng.choice(["Café", "“quoted”", "naïve", "São Paulo", "10 °C", "—", "日本"])
         msgs.append([{"role": "user", "content": instruction}, {"role": "assistant", "content": answer}])
     path.parent.mkdir(parents=True, exist_ok=True)
