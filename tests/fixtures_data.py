@@ -16,6 +16,18 @@ from pathlib import Path
 import pytest
 
 #: made-up facts a model cannot know before training (the "taught task")
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """The tests' HTTP servers: one thread per request, none kept at exit, and no traceback printed when a
+    client hangs up mid-answer (a puller refusing a bad blob, a download that gave up on a timeout), which
+    http.server would print into the stderr the tests read."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
 FACTS = [("Zorblax", "teal"), ("Quimby", "amber"), ("Vextor", "crimson"), ("Plinth", "violet"),
          ("Murrow", "golden"), ("Tazzle", "silver"), ("Kepple", "indigo"), ("Dronna", "olive")]
 
@@ -217,10 +229,7 @@ class BadServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("0.0.0.0", 0), Handler)
-        self.httpd.daemon_threads = True
-        # a client that gave up (the timeout tests) leaves a broken pipe here: expected, not worth a traceback
-        self.httpd.handle_error = lambda request, client_address: None
+        self.httpd = QuietHTTPServer(("0.0.0.0", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
         self.thread.start()

@@ -146,8 +146,10 @@ class TokenService:
         """Start the HTTP token endpoint in a thread; returns (server, realm URL)."""
         import base64
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
         from urllib.parse import parse_qs, urlparse
+
+        from fixtures_data import QuietHTTPServer
 
         service = self
 
@@ -181,7 +183,7 @@ class TokenService:
                     return self._answer(401, {"error": "invalid_grant"})
                 self._answer(200, {"access_token": service.grant(form.get("scope", ""), "refresh-user")})
 
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server, f"http://127.0.0.1:{server.server_address[1]}/token"
 
@@ -278,7 +280,9 @@ class HttpStub:
     def __init__(self, upstream: str | None = None, handle=None, *, tls: tuple[str, str] | None = None):
         import ssl
         import threading
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from http.server import BaseHTTPRequestHandler
+
+        from fixtures_data import QuietHTTPServer
 
         stub, self.upstream, self.handle, self.seen = self, upstream, handle, []
         self._lock = threading.Lock()
@@ -313,11 +317,7 @@ class HttpStub:
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = _any
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        # a client that hangs up mid-answer (the puller refusing a bad blob) is normal for a registry;
-        # http.server would print its traceback into the stderr the tests read
-        self.server.handle_error = lambda request, client_address: None
-        self.server.daemon_threads = True
+        self.server = QuietHTTPServer(("127.0.0.1", 0), Handler)
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(*tls)
