@@ -219,7 +219,6 @@ async def with_operator(n: int, latency: float) -> dict:
                 if applied is None and apply.done():
                     await apply
                     applied = now - t0
-                    kubectl_cpu = _children_cpu_seconds() - kubectl_cpu0
                 count = await asyncio.to_thread(emu.ask, "count_jobs")
                 if count != seen:
                     seen, last_change = count, now
@@ -230,7 +229,7 @@ async def with_operator(n: int, latency: float) -> dict:
             if applied is None:
                 await apply
                 applied = time.perf_counter() - t0
-                kubectl_cpu = _children_cpu_seconds() - kubectl_cpu0
+            kubectl_cpu = _children_cpu_seconds() - kubectl_cpu0  # kubectl has exited and been waited for
             cpu, emu_cpu = _cpu_seconds(proc.pid) - cpu0, _cpu_seconds(emu.pid) - emu_cpu0
             await asyncio.sleep(2)  # settled: status writes after the last Job
             rss.append((time.perf_counter() - t0, _rss_mib(proc.pid)))
