@@ -58,26 +58,27 @@ async def settled(kmock, name: str) -> None:
         await asyncio.sleep(1.0)
 
 
-FIRST = ["FETCH secrets", "CREATE secrets", "CREATE networkpolicies", "CREATE jobs",
-         "UPDATE workspaces/status", "CREATE events", "UPDATE workspaces"]
+FIRST = ["CREATE secrets", "CREATE networkpolicies", "CREATE jobs", "UPDATE workspaces/status", "CREATE events",
+         "UPDATE workspaces"]
 
 
-async def test_a_fresh_workspace_costs_seven_requests_and_the_default_configmap_is_created_once(
+async def test_a_fresh_workspace_costs_six_requests_and_the_default_configmap_and_push_secret_are_checked_once(
         kmock, kubeconfig, monkeypatch):
     monkeypatch.setattr(reconciler, "DEFAULT_CONFIGMAP_TTL_SECONDS", 2.0)
+    monkeypatch.setattr(reconciler, "SECRET_CHECK_TTL_SECONDS", 60.0)  # the whole first part of the test
     await push_secret()
     async with running_operator(Settings(retry_delay_seconds=0.5)):
         since = len(list(kmock))
         await kubectl("apply", "-f", "-", input=workspace("req-a"))
         await settled(kmock, "req-a")
         first = operator_requests(kmock, since)
-        assert sorted(first) == sorted(["CREATE configmaps", *FIRST]), first
+        assert sorted(first) == sorted(["CREATE configmaps", "FETCH secrets", *FIRST]), first
 
         since = len(list(kmock))
         await kubectl("apply", "-f", "-", input=workspace("req-b"))
         await settled(kmock, "req-b")
         second = operator_requests(kmock, since)
-        assert sorted(second) == sorted(FIRST), "the namespace's default ConfigMap was created again"
+        assert sorted(second) == sorted(FIRST), "the default ConfigMap was created again or the push secret read again"
 
         # deleted by hand: the first reconcile after DEFAULT_CONFIGMAP_TTL_SECONDS creates it again
         await asyncio.to_thread(kubernetes.client.CoreV1Api().delete_namespaced_config_map, "qlora-params-template",
@@ -86,8 +87,17 @@ async def test_a_fresh_workspace_costs_seven_requests_and_the_default_configmap_
         await kubectl("apply", "-f", "-", input=workspace("req-c"))
         await settled(kmock, "req-c")
         assert get_obj(kmock, "v1/configmaps", "default", "qlora-params-template") is not None
-    for name in ("req-a", "req-b", "req-c"):
-        assert get_obj(kmock, JOBS, "default", name) is not None
+        for name in ("req-a", "req-b", "req-c"):
+            assert get_obj(kmock, JOBS, "default", name) is not None
+
+        # the push secret deleted: once its check is older than SECRET_CHECK_TTL_SECONDS, it is read again
+        await asyncio.to_thread(kubernetes.client.CoreV1Api().delete_namespaced_secret, "acr-push", "default")
+        monkeypatch.setattr(reconciler, "SECRET_CHECK_TTL_SECONDS", 0.0)
+        await kubectl("apply", "-f", "-", input=workspace("req-d"))
+        job_started = await eventually(lambda: next((c for c in (get_obj(kmock, WS, "default", "req-d") or {}).get(
+            "status", {}).get("conditions", []) if c["type"] == "JobStarted"), None))
+        assert job_started["reason"] == "SecretNotFound", job_started
+        assert get_obj(kmock, JOBS, "default", "req-d") is None
 
 
 async def test_the_late_echo_of_the_operators_own_status_write_is_not_reconciled_again(kmock, kubeconfig):
@@ -113,7 +123,7 @@ async def test_the_late_echo_of_the_operators_own_status_write_is_not_reconciled
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
-    assert got.count("FETCH secrets") == 1 and got.count("UPDATE workspaces/status") == 1, got
+    assert got.count("UPDATE workspaces/status") == 1 and "FETCH jobs" not in got, got
     assert "FETCH jobs" not in got, got  # a fresh workspace's Job is created without a read
     assert got.count("UPDATE workspaces") == 2, "kopf called the handler again (its second patch): the echo case"
 
