@@ -6,7 +6,9 @@ a deletion always does, so a Job deleted by hand is recreated at once), and a ti
 tuner's ``/progress`` while the workspace is Running. A ConfigMap, secret or node that is not there
 yet is shown in status and re-checked every ``retry_delay_seconds`` (kopf.TemporaryError), never in
 a hot loop. Workspaces are watched in the storage version (v1beta1): the API server serves every
-workspace, applied as v1alpha1 or v1beta1, through it.
+workspace, applied as v1alpha1 or v1beta1, through it. kopf's record of each workspace as last handled is
+kept in the operator's memory (``seen.HandledSpecs``), not in an annotation: a reconcile that succeeds writes
+only the workspace's status.
 
 Every status write replaces the previous status (``decisions.status_patch``); every phase change and
 every failure is an Event on the Workspace and a JSON log line; a handler that raises leaves a status
@@ -34,7 +36,7 @@ from kaito_tuning.controller import decisions as d
 from kaito_tuning.controller import logs, reconciler
 from kaito_tuning.controller import status as st
 from kaito_tuning.controller.reconciler import Outcome, Reconciler, api_error_text, ws_key
-from kaito_tuning.controller.seen import OwnStatusWrites
+from kaito_tuning.controller.seen import HandledSpecs
 from kaito_tuning.controller.settings import Settings, from_env
 from kaito_tuning.errors import KaitoError, TransientError, UserError
 from kaito_tuning.spec.workspace import GROUP, PLURAL, STORAGE_VERSION
@@ -63,17 +65,16 @@ CHANGED_RETRY_SECONDS = 1.0
 GIL_SWITCH_SECONDS = 0.001
 
 
-def _write_status(rec: Reconciler, body, new: dict) -> str | None:
+def _write_status(rec: Reconciler, body, new: dict) -> None:
     """The handler's status, written by us (not kopf's patch, which kopf retries on its own and may land after
     a newer status) and only onto the workspace it was computed from (its resourceVersion). A 409: the
-    workspace changed meanwhile; kopf runs the handler again on the new one. Returns the workspace's
-    resourceVersion after the write (None: nothing written)."""
+    workspace changed meanwhile; kopf runs the handler again on the new one."""
     meta = body["metadata"]
     if dict(body.get("status") or {}) == new:
-        return None  # nothing to change (a blocker re-checked every retry_delay_seconds)
+        return  # nothing to change (a blocker re-checked every retry_delay_seconds)
     try:
-        return rec.write_status(meta.get("namespace") or "default", meta["name"], body.get("status"), new,
-                                meta.get("resourceVersion"))
+        rec.write_status(meta.get("namespace") or "default", meta["name"], body.get("status"), new,
+                         meta.get("resourceVersion"))
     except ApiException as e:
         if e.status != 409:
             raise
@@ -101,7 +102,6 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     """Register the handlers into ``registry`` (a fresh one by default) and return it."""
     registry = registry or kopf.OperatorRegistry()
     rec = Reconciler(settings, api_client)
-    own_writes = OwnStatusWrites()
     reported = functools.partial(_reported, rec=rec, delay=settings.retry_delay_seconds)
     wsres = (GROUP, STORAGE_VERSION, PLURAL)
     labelled = {LABEL_WORKSPACE: kopf.PRESENT}
@@ -118,6 +118,7 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
         # storages deep-copies the object on every event (together a tenth of the operator's CPU at 1,000
         # workspaces)
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(v1=True)
+        settings.persistence.diffbase_storage = HandledSpecs()  # no PATCH of the workspace after each reconcile
         settings.posting.enabled = True  # our kopf.event() calls: phase changes and failures
         settings.posting.loggers = False  # not every log line
         settings.networking.request_timeout = reconciler.API_TIMEOUT_SECONDS  # kopf's default: 5 minutes
@@ -134,17 +135,11 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
     @kopf.on.update(*wsres, registry=registry)
     @reported
     def reconcile_workspace(body, output_images, **_):
-        uid = body["metadata"].get("uid")
-        if own_writes.is_own_echo(body):  # already reconciled: only our own status write is new (seen.py)
-            logs.decision(ws_key(body), "skip", "the workspace as its last reconcile left it: nothing to do", level=10)
-            return
         outcome = rec.reconcile(body, images=output_images)
-        written = _write_status(rec, body, outcome.status)
+        _write_status(rec, body, outcome.status)
         _post(body, outcome)
         if outcome.retry_after:
-            own_writes.forget(uid)
             raise kopf.TemporaryError(outcome.retry_reason, delay=outcome.retry_after)
-        own_writes.record(uid, written)
 
     @kopf.on.delete(*wsres, registry=registry, optional=not settings.node_auto_provisioning)
     def release_nodes(body, **_):
