@@ -118,7 +118,8 @@ def register(settings: Settings, registry: kopf.OperatorRegistry | None = None,
         # storages deep-copies the object on every event (together a tenth of the operator's CPU at 1,000
         # workspaces)
         settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(v1=True)
-        settings.persistence.diffbase_storage = HandledSpecs()  # no PATCH of the workspace after each reconcile
+        # what kopf handled, in memory: no PATCH of the workspace after each reconcile
+        settings.persistence.diffbase_storage = HandledSpecs(kinds=("Workspace",))
         settings.posting.enabled = True  # our kopf.event() calls: phase changes and failures
         settings.posting.loggers = False  # not every log line
         settings.networking.request_timeout = reconciler.API_TIMEOUT_SECONDS  # kopf's default: 5 minutes

@@ -78,12 +78,28 @@ class HandledSpecs(kopf.DiffBaseStorage):
     handlers after a restart anyway). kopf's change detection is otherwise unchanged: an edit of the spec,
     labels or annotations is an update; a status write is nothing. Bounded: the least recently handled go first
     (a forgotten one costs one reconcile at its next event).
+
+    kopf builds an essence of every object of every event it processes, by a deep copy of the whole object, but
+    compares essences only for the kinds with create/update handlers (``kinds``): the others (Jobs, pods,
+    Deployments, watched with ``kopf.on.event``) get an empty one, and a workspace's status and bookkeeping
+    metadata (managedFields) are left out before the copy instead of after it.
     """
 
-    def __init__(self, limit: int = 10_000) -> None:
+    def __init__(self, kinds: tuple[str, ...], limit: int = 10_000) -> None:
         super().__init__()
+        self._kinds = frozenset(kinds)
         self._essences: collections.OrderedDict[str, str] = collections.OrderedDict()  # uid -> JSON
         self._limit = limit
+
+    def build(self, *, body, extra_fields=None) -> dict:
+        if body.get("kind") not in self._kinds:
+            return {}
+        if extra_fields:  # a handler watching a field of its own choice (none here): kopf's way, whole
+            return super().build(body=body, extra_fields=extra_fields)
+        meta = body.get("metadata") or {}
+        lean = {k: v for k, v in body.items() if k not in ("metadata", "status")}
+        lean["metadata"] = {k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta}
+        return super().build(body=kopf.Body(lean))
 
     def fetch(self, *, body) -> dict | None:
         encoded = self._essences.get((body.get("metadata") or {}).get("uid"))

@@ -131,7 +131,7 @@ async def test_the_echo_of_the_operators_own_status_write_is_not_reconciled_and_
 
 
 def test_handled_specs_hands_out_copies_and_keep_the_most_recently_handled():
-    specs = HandledSpecs(limit=2)
+    specs = HandledSpecs(kinds=("Workspace",), limit=2)
     body = {"metadata": {"uid": "u1"}}
     assert specs.fetch(body=body) is None
     specs.store(body=body, patch=None, essence={"spec": {"a": [1]}})
@@ -143,3 +143,17 @@ def test_handled_specs_hands_out_copies_and_keep_the_most_recently_handled():
         specs.store(body={"metadata": {"uid": uid}}, patch=None, essence={"spec": {"uid": uid}})
     assert specs.fetch(body=body) is None  # the oldest went first: handled as created at its next event
     assert specs.fetch(body={"metadata": {"uid": "u3"}}) == {"spec": {"uid": "u3"}}
+
+
+def test_handled_specs_builds_kopfs_own_essence_of_a_workspace_and_none_of_other_kinds():
+    doc = yaml.safe_load(open(QUICK))
+    doc["metadata"].update(namespace="default", uid="u1", resourceVersion="9", generation=2,
+                           labels={"team": "a"}, managedFields=[{"manager": "kubectl", "operation": "Update"}],
+                           annotations={"note": "x", "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                        "kopf.zalando.org/last-handled-configuration": "{}"})
+    doc["status"] = {"state": "Running", "conditions": [{"type": "JobStarted", "status": "True"}]}
+    ours = HandledSpecs(kinds=("Workspace",)).build(body=kopf.Body(doc))
+    assert ours == kopf.AnnotationsDiffBaseStorage().build(body=kopf.Body(doc))
+    assert ours["metadata"] == {"labels": {"team": "a"}, "annotations": {"note": "x"}} and "status" not in ours
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j", "uid": "u2"}, "spec": {"parallelism": 1}}
+    assert HandledSpecs(kinds=("Workspace",)).build(body=kopf.Body(job)) == {}
