@@ -4,7 +4,8 @@ YAML is parsed with a budget (issue 11): at most ``MAX_YAML_BYTES`` of text, ``M
 of nesting, and ``MAX_NODES`` values *after* alias expansion, so a few hundred bytes of
 ``&a [*a, *a, ...]`` cannot become gigabytes in whoever walks or prints the result. Integers longer
 than ``MAX_INT_DIGITS`` digits and malformed ``!!int``/``!!float``/``!!bool`` values are errors at
-their line; timestamps stay strings (as the Kubernetes API server's JSON form has them). Every
+their line, and so is a key given twice in one mapping (kubectl refuses it too; PyYAML would keep the
+last silently); timestamps stay strings (as the Kubernetes API server's JSON form has them). Every
 failure is a ``YamlError`` (a ``FileError`` for files): one short line, never a traceback.
 
 ``short(value)`` is how any message shows a user's value: bounded in size, whatever the value.
@@ -93,6 +94,21 @@ class _BudgetLoader(yaml.SafeLoader):
         node = super().compose_document()
         _check_expansion(node)
         return node
+
+    def construct_mapping(self, node, deep=False):
+        # a key given twice in one mapping: PyYAML keeps the last and drops the rest without a word (so does
+        # the Go YAML Kaito's webhook reads ConfigMaps with); kubectl refuses a duplicate field. Keys merged in
+        # with << may be overridden, as YAML says
+        first: dict[tuple, Any] = {}
+        for key, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            seen = first.setdefault((key.tag, key.value), key)
+            if seen is not key:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {short(key.value)} appears twice in one mapping (first at line "
+                    f"{seen.start_mark.line + 1}): all but the last would be lost; keep one", key.start_mark)
+        return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
         digits = sum(c.isdigit() for c in str(node.value))

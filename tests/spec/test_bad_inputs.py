@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kaito_tuning.spec.files import FileError, load_documents
+from kaito_tuning.spec.files import FileError, load_documents, load_yaml
 from kaito_tuning.spec.rules import validate_workspace
 from kaito_tuning.spec.training_config import parse_config
 from kaito_tuning.spec.workspace import parse_workspace
@@ -144,6 +144,10 @@ CONFIG = [
     ("not text", None, "training_config.yaml", "must be text (YAML)"),
     ("two documents", "training_config: {}\n---\ntraining_config: {}\n", "training_config.yaml",
      "holds 2 YAML documents"),
+    ("a section given twice", "training_config:\n  LoraConfig:\n    r: 8\n  LoraConfig:\n    lora_alpha: 16\n",
+     "training_config.yaml", "line 4, column 3: key 'LoraConfig' appears twice in one mapping (first at line 2)"),
+    ("a key given twice in flow style", "training_config:\n  LoraConfig: {r: 8, r: 16}\n", "training_config.yaml",
+     "key 'r' appears twice"),
 ]
 
 # (id, file content, words of the FileError)
@@ -153,6 +157,9 @@ FILES = [
     ("5000-digit integer in a file", "a: " + "1" * 5000, "an integer of 5000 digits"),
     ("binary bytes", "\x00\x01\x02", "special characters are not allowed"),
     ("scalar document", "just a string", "is a string, not a Kubernetes object"),
+    ("tuning given twice", (ROOT / "examples/fine-tuning/kaito_workspace_tuning_phi_3.yaml").read_text()
+     + "tuning:\n  method: lora\n",
+     "key 'tuning' appears twice in one mapping (first at line"),
 ]
 
 
@@ -206,3 +213,9 @@ def test_local_runs_may_use_hostpath_volumes():
 
 def test_corpus_size():
     assert len(SPEC) + len(CONFIG) + len(FILES) >= 40
+
+
+def test_keys_merged_in_may_be_overridden_as_yaml_says():
+    text = "base: &b {r: 8, lora_alpha: 16}\ntraining_config:\n  LoraConfig:\n    <<: *b\n    r: 16\n"
+    assert load_yaml(text)["training_config"]["LoraConfig"] == {"r": 16, "lora_alpha": 16}
+    assert load_yaml("a: {x: 1}\nb: {x: 1}\n") == {"a": {"x": 1}, "b": {"x": 1}}  # the same key in two mappings
