@@ -15,6 +15,7 @@ _URL = re.compile(r"""\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'"<>]+""")
 _SECRET_PAIRS = re.compile(
     r"(?i)\b(authorization|password|passwd|token|secret|access_token|refresh_token|identitytoken|api[_-]?key|sig|"
     r"signature|x-amz-signature|x-amz-credential|x-amz-security-token|se|sv|sp)(\s*[=:]\s*)(\"[^\"]*\"|'[^']*'|[^\s&,;]+)")
+_USERINFO = re.compile(r"^([^/?#]*://)?[^/?#@]*@")  # "user:password@" before the host, with or without a scheme
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[a-z0-9._~+/=-]{8,}")
 
 
@@ -26,8 +27,8 @@ def url(value: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError:
         return "<unparseable URL>"
-    if not parts.scheme or not host:
-        return value.split("?", 1)[0].split("#", 1)[0]
+    if not parts.scheme or not host:  # not a URL a client would fetch; shown without what could be a secret
+        return _USERINFO.sub(r"\1", value.split("?", 1)[0].split("#", 1)[0])
     if ":" in host:  # IPv6
         host = f"[{host}]"
     return f"{parts.scheme}://{host}{port}{parts.path}"

@@ -15,6 +15,8 @@ TOKEN = "sv=2024-01-01&se=2030&sp=r&sig=SECRETSIG%3D"
     ("https://user:hunter2@example.com:8443/p/q.parquet#frag", "https://example.com:8443/p/q.parquet"),
     ("http://[::1]:9000/a.parquet?download=true", "http://[::1]:9000/a.parquet"),
     ("not a url", "not a url"),
+    ("user:hunter2@example.com/x.parquet?sig=SECRET", "example.com/x.parquet"),  # no "//": no host for urlsplit
+    ("ftp://user:hunter2@/x", "ftp:///x"),
 ])
 def test_url_keeps_scheme_host_and_path_only(raw, shown):
     assert redact.url(raw) == shown

@@ -219,3 +219,24 @@ def test_keys_merged_in_may_be_overridden_as_yaml_says():
     text = "base: &b {r: 8, lora_alpha: 16}\ntraining_config:\n  LoraConfig:\n    <<: *b\n    r: 16\n"
     assert load_yaml(text)["training_config"]["LoraConfig"] == {"r": 16, "lora_alpha": 16}
     assert load_yaml("a: {x: 1}\nb: {x: 1}\n") == {"a": {"x": 1}, "b": {"x": 1}}  # the same key in two mappings
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://user:SECRETPASS@example.com/x.parquet",  # the wrong scheme
+    "user:SECRETPASS@example.com/x.parquet",  # no scheme at all
+    "https://user:SECRETPASS@exa mple.com/x.parquet",  # white space
+    "https://example.com/x.parquet?sig=SECRET%2B&note=a b",  # white space in the signed query
+    "https://example.com/x.parquet?sig=SECRET\x01",  # a control character in the query
+    "https://example.com:99999/x.parquet?sig=SECRET",  # no valid port
+    "https://[::1/x.parquet?sig=SECRET",  # an unclosed IPv6 address
+])
+def test_a_bad_url_is_shown_without_its_password_or_signature(url):
+    found = _problems_of(ws("tuning.input.urls", [url]))
+    assert any(m.startswith("tuning.input.urls[0]: ") for m in found), found
+    assert not any("SECRET" in m for m in found), found
+
+
+def test_a_control_character_in_a_url_is_named():
+    found = _problems_of(ws("tuning.input.urls", ["https://example.com/train\x00.parquet"]))
+    assert "tuning.input.urls[0]: 'https://example.com/train\\x00.parquet' contains the control character U+0000; " \
+           "remove it" in found, found
