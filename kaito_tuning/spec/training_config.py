@@ -239,6 +239,9 @@ def _check_sections(root: dict, method: str | None, problems: list[Problem]) -> 
                 hint = f"did you mean {close[0]!r}?" if close else f"see the fields of {_CLASS_NAMES[name]}"
                 problems.append(Problem(path, f"unknown key for {_CLASS_NAMES[name]}; {hint}"))
                 continue
+            if (name, key) in _CREDENTIALS and value is not None:  # its value is never shown
+                problems.append(Problem(path, _CREDENTIALS[name, key]))
+                continue
             kind = known[key]
             if value is None:
                 if kind.endswith("?") or kind == "any":
@@ -256,6 +259,14 @@ def _check_sections(root: dict, method: str | None, problems: list[Problem]) -> 
     problems += _semantic(cfg, method, root)
     return cfg, problems
 
+
+#: keys whose value is a credential: refused (a ConfigMap is readable by whoever can read the namespace's
+#: ConfigMaps, and is copied into the Job's volume), and never echoed in a message
+_CREDENTIALS = {
+    ("TrainingArguments", "hub_token"): "a credential does not belong in a ConfigMap (anyone who can read the "
+    "namespace's ConfigMaps can read it; its value is not shown here); remove it: the adapter is pushed to "
+    "tuning.output.image with tuning.output.imagePushSecret",
+}
 
 _CLASS_NAMES = {"ModelConfig": "ModelConfig (from_pretrained arguments)", "QuantizationConfig": "BitsAndBytesConfig",
                 "LoraConfig": "peft.LoraConfig", "TrainingArguments": "trl.SFTConfig",
@@ -277,6 +288,10 @@ def _semantic(cfg: TuningConfig, method: str | None, raw: dict) -> list[Problem]
                                                       "or use method qlora"))
     if q.get("bnb_4bit_quant_type") not in (None, "nf4", "fp4"):
         p.append(Problem("QuantizationConfig.bnb_4bit_quant_type", f"must be nf4 or fp4, got {short(q['bnb_4bit_quant_type'])}"))
+    if cfg.section("TrainingArguments").get("push_to_hub") is True:
+        p.append(Problem("TrainingArguments.push_to_hub", "is not supported: the tuner has no Hugging Face Hub "
+                         "credentials and the adapter is pushed to tuning.output.image (or written to "
+                         "tuning.output.volumeSource); remove it or set it to false"))
     t = raw.get("TrainingArguments") or {}
     if isinstance(t, dict) and "output_dir" in t:
         _, why = resolve_output_dir(t["output_dir"])

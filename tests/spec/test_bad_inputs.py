@@ -146,6 +146,12 @@ CONFIG = [
      "holds 2 YAML documents"),
     ("a section given twice", "training_config:\n  LoraConfig:\n    r: 8\n  LoraConfig:\n    lora_alpha: 16\n",
      "training_config.yaml", "line 4, column 3: key 'LoraConfig' appears twice in one mapping (first at line 2)"),
+    ("a hub token", cfg({"TrainingArguments": {"hub_token": "hf_SECRETTOKEN"}}), "TrainingArguments.hub_token",
+     "a credential does not belong in a ConfigMap"),
+    ("a hub token of the wrong type", cfg({"TrainingArguments": {"hub_token": ["hf_SECRETTOKEN"]}}),
+     "TrainingArguments.hub_token", "its value is not shown here"),
+    ("push to the hub", cfg({"TrainingArguments": {"push_to_hub": True}}), "TrainingArguments.push_to_hub",
+     "is not supported: the tuner has no Hugging Face Hub credentials"),
     ("a key given twice in flow style", "training_config:\n  LoraConfig: {r: 8, r: 16}\n", "training_config.yaml",
      "key 'r' appears twice"),
 ]
@@ -240,3 +246,9 @@ def test_a_control_character_in_a_url_is_named():
     found = _problems_of(ws("tuning.input.urls", ["https://example.com/train\x00.parquet"]))
     assert "tuning.input.urls[0]: 'https://example.com/train\\x00.parquet' contains the control character U+0000; " \
            "remove it" in found, found
+
+
+def test_a_credential_in_the_configmap_is_never_echoed():
+    for value in ("hf_SECRETTOKEN", ["hf_SECRETTOKEN"], {"t": "hf_SECRETTOKEN"}, 12345):
+        _, problems = parse_config(cfg({"TrainingArguments": {"hub_token": value}}))
+        assert problems and not any("SECRET" in str(p) or "12345" in str(p) for p in problems), problems
