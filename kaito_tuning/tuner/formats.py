@@ -15,6 +15,10 @@ prompt_completion   ``prompt`` + ``completion`` (strings or      ``prompt`` + ``
 text                ``text``                                     ``text``
 ==================  ===========================================  =================================
 
+A message's ``content`` may also be a list of OpenAI-style content parts: its ``{"type": "text", "text": ...}``
+parts are joined end to end (as chat templates render them); any other part (an image) is refused, naming it.
+An assistant turn that is only a tool call (``tool_calls``, no text) is refused saying so.
+
 Every file is used; all of them must end up in the same TRL form. A parquet file of chat rows whose
 messages are all valid stays in Arrow (checked column by column with pyarrow.compute); any other file, or
 one with a bad row, goes through the row-by-row reader, whose errors name the rows.
@@ -30,6 +34,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from kaito_tuning.spec.files import short
 from kaito_tuning.spec.training_config import DatasetConfig
 from kaito_tuning.tuner.inputs import DataFile, DatasetInvalid
 
@@ -225,12 +230,34 @@ def _messages(value: Any, path: str, sharegpt: bool) -> tuple[list[dict] | None,
         if role_n is None:
             allowed = ", ".join(SHAREGPT_ROLES) if role_key == "from" else ", ".join(ROLES)
             return None, f"{path}[{i}].{role_key} is {role!r}; allowed: {allowed}"
-        if not isinstance(content, str) or not content.strip():
-            return None, f"{path}[{i}].{content_key} is empty ({role_n} message); every message needs text"
+        content, problem = _content_text(content, f"{path}[{i}].{content_key}", role_n, m)
+        if problem:
+            return None, problem
         out.append({"role": role_n, "content": content})
     if not any(m["role"] == "assistant" for m in out):
         return None, f"{path} has no assistant message: there is nothing to learn"
     return out, None
+
+
+def _content_text(content: Any, path: str, role: str, message: dict) -> tuple[str | None, str | None]:
+    """A message's text: a string, or (as the OpenAI chat format allows) a list of content parts, of which only
+    ``{"type": "text", "text": ...}`` parts can be trained on here; they are joined as chat templates render
+    them, end to end. (text, None) or (None, problem)."""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                return None, (f"{path}[{j}] is a {short(kind, 40)} part; only text parts "
+                              '({"type": "text", "text": ...}) can be trained on')
+            texts.append(part["text"])
+        content = "".join(texts)
+    if isinstance(content, str) and content.strip():
+        return content, None
+    if message.get("tool_calls") or message.get("function_call"):
+        return None, (f"{path} is empty: the {role} message is a tool call (tool_calls), which is not trained on "
+                      "here; give it text content or leave the tool-call turns out")
+    return None, f"{path} is empty ({role} message); every message needs text"
 
 
 def _text(value: Any) -> str | None:
@@ -295,8 +322,9 @@ def _prompt_messages(value: Any, path: str) -> tuple[list[dict] | None, str | No
         role, content = (m or {}).get("role"), (m or {}).get("content")
         if role not in ROLES:
             return None, f"{path}[{i}].role is {role!r}; allowed: {', '.join(ROLES)}"
-        if not isinstance(content, str) or not content.strip():
-            return None, f"{path}[{i}].content is empty ({role} message); every message needs text"
+        content, problem = _content_text(content, f"{path}[{i}].content", role, m or {})
+        if problem:
+            return None, problem
         msgs.append({"role": role, "content": content})
     return msgs, None
 

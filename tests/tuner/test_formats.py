@@ -143,3 +143,29 @@ def test_rows_key_follows_files_and_selection(datasets_dir):
     assert a.key != prepare(files(datasets_dir["messages"]), DatasetConfig(shuffle_seed=2)).key
     assert a.key != prepare(files(datasets_dir["messages"]), DatasetConfig(shuffle_seed=1, max_rows=3)).key
     assert a.key != prepare(files(datasets_dir["messages"], datasets_dir["alpaca"]), DatasetConfig(shuffle_seed=1)).key
+
+
+def _parts(*texts: str) -> list[dict]:
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_openai_text_parts_are_joined_as_a_chat_template_renders_them(tmp_path):
+    from fixtures_data import write_parquet
+    rows = [{"messages": [{"role": "user", "content": _parts("Say ", "hi")},
+                          {"role": "assistant", "content": _parts("hi")}]}] * 2
+    s = prepare(files(write_parquet(tmp_path / "parts.parquet", rows)), NO_SPLIT)
+    assert s.form == "messages"
+    assert s.train[0]["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+
+
+@pytest.mark.parametrize("message, words", [
+    ({"role": "user", "content": [*_parts("What is this?"), {"type": "image_url", "image_url": {"url": "https://h/i.png"}}]},
+     r"row 0: messages\[0\].content\[1\] is a 'image_url' part; only text parts"),
+    ({"role": "assistant", "content": None, "tool_calls": '[{"id": "call_1"}]'},
+     r"row 0: messages\[0\].content is empty: the assistant message is a tool call \(tool_calls\)"),
+])
+def test_parts_and_turns_that_cannot_be_trained_on_are_named(tmp_path, message, words):
+    from fixtures_data import write_parquet
+    rows = [{"messages": [message, {"role": "assistant", "content": _parts("done")}]}]
+    with pytest.raises(DatasetInvalid, match=words):
+        prepare(files(write_parquet(tmp_path / "bad.parquet", rows)), NO_SPLIT)
