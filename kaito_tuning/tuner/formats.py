@@ -77,7 +77,7 @@ def read_rows(f: DataFile) -> tuple[list[str], list[dict]]:
         if f.kind == "json":
             return _read_json(f)
         if f.kind == "csv":
-            with open(f.path, newline="", encoding="utf-8") as fh:
+            with open(f.path, newline="", encoding="utf-8-sig") as fh:
                 reader = csv.DictReader(fh)
                 rows = list(reader)
                 return list(reader.fieldnames or []), rows
@@ -100,7 +100,7 @@ def _read_parquet(f: DataFile):
 
 def _read_jsonl(f: DataFile):
     rows, columns = [], {}
-    with open(f.path, encoding="utf-8") as fh:
+    with open(f.path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows editors) is not data
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -110,14 +110,15 @@ def _read_jsonl(f: DataFile):
                 raise DatasetInvalid(f"line {n} is not valid JSON ({e}); JSON lines files hold one object per line",
                                      field=f.name) from None
             if not isinstance(row, dict):
-                raise DatasetInvalid(f"line {n} is a {type(row).__name__}, not a JSON object", field=f.name)
+                raise DatasetInvalid(f"line {n} is not a JSON object (it is {short(row, 40)}); JSON lines files hold "
+                                     "one object per line", field=f.name)
             columns.update(dict.fromkeys(row))
             rows.append(row)
     return list(columns), rows
 
 
 def _read_json(f: DataFile):
-    with open(f.path, encoding="utf-8") as fh:
+    with open(f.path, encoding="utf-8-sig") as fh:
         try:
             doc = json.load(fh)
         except ValueError as e:

@@ -78,6 +78,10 @@ class DataFile:
 
 # ------------------------------------------------------------------ content sniffing
 
+#: the header of a CSV file of one column: its name (``text``, ``messages``), maybe quoted
+_ONE_COLUMN = re.compile(r'"?[A-Za-z_][A-Za-z0-9_.-]{0,63}"?')
+
+
 def detect_kind(path: str | Path, *, source: str | None = None) -> str:
     """parquet, jsonl, json or csv, from the first bytes of the file; UserError for anything else."""
     where = source or str(path)
@@ -111,15 +115,16 @@ def detect_kind(path: str | Path, *, source: str | None = None) -> str:
     if sample.startswith("{"):
         if "\n" not in sample and len(head) == 64 * 1024:
             sample = _first_line(path)  # a first row longer than the sample: read it whole before deciding
-        first, _, rest = sample.partition("\n")
         try:
-            json.loads(first)
+            json.loads(sample.partition("\n")[0])
         except ValueError:
             return "json"  # one object over several lines
-        return "jsonl" if rest.strip() == "" or rest.lstrip().startswith("{") else "json"
-    first_line = sample.partition("\n")[0]
+        return "jsonl"  # a whole object on the first line: one per line (the reader names a line that is not)
+    first_line = sample.partition("\n")[0].strip()
     if "," in first_line or "\t" in first_line:
         return "csv"
+    if Path(path).suffix.lower() == ".csv" and _ONE_COLUMN.fullmatch(first_line):
+        return "csv"  # a file of one column: nothing to separate (only where its name says CSV)
     # what was fetched is never echoed back: it could be anything (an internal page, a secret)
     raise DatasetInvalid("is not parquet, JSON lines, JSON or CSV", field=where)
 

@@ -1,5 +1,7 @@
 """Formats detected from columns (or configured), validation messages, shuffle and split."""
 
+import json
+
 import pytest
 
 from kaito_tuning.errors import EXIT_USER_ERROR
@@ -169,3 +171,27 @@ def test_parts_and_turns_that_cannot_be_trained_on_are_named(tmp_path, message, 
     rows = [{"messages": [message, {"role": "assistant", "content": _parts("done")}]}]
     with pytest.raises(DatasetInvalid, match=words):
         prepare(files(write_parquet(tmp_path / "bad.parquet", rows)), NO_SPLIT)
+
+
+GOOD_CHAT = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
+
+
+@pytest.mark.parametrize("name, content", [
+    ("bom.jsonl", "\ufeff" + GOOD_CHAT + "\n" + GOOD_CHAT + "\n"),  # Notepad, PowerShell 5's utf8
+    ("bom.json", "\ufeff[" + GOOD_CHAT + "]"),
+    ("bom.csv", "\ufeffprompt,completion\nSay hi,hi\n"),
+    ("one_column.csv", "text\nhello there\ngeneral kenobi\n"),
+    ("one_quoted_column.csv", '"messages"\n"' + json.dumps(json.loads(GOOD_CHAT)["messages"]).replace('"', '""') + '"\n'),
+])
+def test_files_as_other_tools_write_them_are_read(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content, encoding="utf-8")
+    s = prepare(files(p), NO_SPLIT)
+    assert len(s.train) >= 1 and s.form in ("messages", "prompt_completion", "text"), s
+
+
+def test_a_jsonl_line_that_is_not_an_object_is_named(tmp_path):
+    p = tmp_path / "scalar.jsonl"
+    p.write_text(GOOD_CHAT + "\n42\n")
+    with pytest.raises(DatasetInvalid, match=r"scalar.jsonl: line 2 is not a JSON object \(it is 42\)"):
+        prepare(files(p), NO_SPLIT)
