@@ -43,22 +43,36 @@ class ImageRef:
         return self.digest or self.tag or "latest"
 
 
+def _shown(ref: str) -> str:
+    """``ref`` for a message: quoted, and cut in the middle when long (a reference may be anything)."""
+    return repr(ref if len(ref) <= 120 else f"{ref[:57]}...{ref[-60:]}")
+
+
 def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
     """Parse ``ref``; raise InvalidReference with a message that says what is wrong."""
     if not isinstance(ref, str) or not ref.strip():
         raise InvalidReference("image reference is empty")
+    if "/" in ref and "@" in ref.split("/", 1)[0]:  # user:password@registry/...: never shown
+        raise InvalidReference("image reference must not carry credentials (user:password@ before the registry); "
+                               "write registry/repository:tag and name a dockerconfigjson secret for them")
     if ref != ref.strip() or any(c.isspace() for c in ref):
-        raise InvalidReference(f"image reference {ref!r} contains white space")
+        raise InvalidReference(f"image reference {_shown(ref)} contains white space")
     if "://" in ref:
-        raise InvalidReference(f"image reference {ref!r} must not have a scheme; write registry/repository:tag")
+        raise InvalidReference(f"image reference {_shown(ref)} must not have a scheme; write registry/repository:tag")
     m = _REF.match(ref)
     if not m:
-        raise InvalidReference(f"image reference {ref!r} is invalid: expected registry/repository:tag "
-                               "(letters, digits and . _ - in the repository; tag of letters, digits, . _ -)")
+        tag = ref.rsplit("@", 1)[0].rpartition("/")[2].partition(":")[2]
+        why = (f"its tag is {len(tag)} characters; at most 128" if len(tag) > 128 and _REF.match(ref.replace(tag, "t"))
+               else "expected registry/repository:tag (letters, digits and . _ - in the repository; tag of letters, "
+                    "digits, . _ -)")
+        raise InvalidReference(f"image reference {_shown(ref)} is invalid: {why}")
     domain, path = m.group("domain"), m.group("path")
     if domain and not ("." in domain or ":" in domain or domain == "localhost" or domain.startswith("[")):
         # "user/repo": the first component is a path on Docker Hub, not a registry
         path, domain = f"{domain}/{path}", None
+    port = domain.rpartition("]")[2].rpartition(":")[2] if domain and ":" in domain.rpartition("]")[2] else ""
+    if port and not 0 < int(port) < 65536:
+        raise InvalidReference(f"image reference {_shown(ref)}: port {int(port)} of registry {domain!r} is not 1-65535")
     if domain and any(c.isupper() for c in domain):
         domain = domain.lower()
     if not domain:
@@ -66,8 +80,8 @@ def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
         if "/" not in path:
             path = f"library/{path}"
     if len(path) > 255:
-        raise InvalidReference(f"image reference {ref!r}: repository name longer than 255 characters")
+        raise InvalidReference(f"image reference {_shown(ref)}: repository name longer than 255 characters")
     tag, digest = m.group("tag"), m.group("digest")
     if require_tag and not tag:
-        raise InvalidReference(f"image reference {ref!r} has no tag; add one, e.g. {ref.split('@')[0]}:0.0.1")
+        raise InvalidReference(f"image reference {_shown(ref)} has no tag; add one, e.g. {ref.split('@')[0]}:0.0.1")
     return ImageRef(domain, path, tag, digest)

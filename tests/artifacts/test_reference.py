@@ -36,7 +36,9 @@ def test_str_and_manifest_reference():
     ("https://r.io/a:1", "must not have a scheme"),
     ("r.io/a:tåg", "is invalid"),  # tags are ASCII only
     ("r.io/a:-x", "is invalid"),
-    ("r.io/a:" + "x" * 129, "is invalid"),
+    ("r.io/a:" + "x" * 129, "is invalid: its tag is 129 characters; at most 128"),
+    ("r.io:99999/a:1", "port 99999 of registry 'r.io:99999' is not 1-65535"),
+    ("r.io:0/a:1", "port 0 of registry"),
     ("r.io//a:1", "is invalid"),
     ("r.io/a-:1", "is invalid"),
     ("r.io/a:1@sha256:abc", "is invalid"),
@@ -53,3 +55,15 @@ def test_require_tag_suggests_one():
     with pytest.raises(InvalidReference, match=r"e.g. r.io/a:0.0.1$"):
         parse(f"r.io/a@{DIGEST}", require_tag=True)
     assert parse("r.io/a:1", require_tag=True).tag == "1"
+
+
+def test_credentials_in_a_reference_are_refused_and_never_shown():
+    with pytest.raises(InvalidReference, match="must not carry credentials") as e:
+        parse("robot:S3CRET-PASS@r.io/team/adapter:1")
+    assert "S3CRET" not in str(e.value)
+
+
+def test_a_huge_reference_is_shown_cut():
+    with pytest.raises(InvalidReference) as e:
+        parse("r.io/" + "a/" * 50_000 + ":1")
+    assert len(str(e.value)) < 300
