@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kaito_tuning.spec.files import short
+
 # Letters of either case: the distribution grammar wants lowercase repositories, but Kaito's own
 # quick start uses the placeholder IMAGE_NAME_HERE, which must be accepted as written; a registry
 # that refuses the name says so at push time.
 _COMPONENT = r"[a-zA-Z0-9]+(?:(?:[._]|__|-+)[a-zA-Z0-9]+)*"
-_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
-_TAG = r"[\w][\w.-]{0,127}"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*|\[[0-9a-fA-F:]+\])(?::(?P<port>[0-9]+))?"
+_TAG = r"[\w][\w.-]*"  # at most MAX_TAG characters: checked after the match, to say so
+MAX_TAG = 128
 _DIGEST = r"[a-z0-9]+(?:[+._-][a-z0-9]+)*:[0-9a-fA-F]{32,}"
 _REF = re.compile(rf"^(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
                   rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$", re.ASCII)  # ASCII: \w must not match "å"
@@ -43,11 +46,6 @@ class ImageRef:
         return self.digest or self.tag or "latest"
 
 
-def _shown(ref: str) -> str:
-    """``ref`` for a message: quoted, and cut in the middle when long (a reference may be anything)."""
-    return repr(ref if len(ref) <= 120 else f"{ref[:57]}...{ref[-60:]}")
-
-
 def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
     """Parse ``ref``; raise InvalidReference with a message that says what is wrong."""
     if not isinstance(ref, str) or not ref.strip():
@@ -56,23 +54,23 @@ def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
         raise InvalidReference("image reference must not carry credentials (user:password@ before the registry); "
                                "write registry/repository:tag and name a dockerconfigjson secret for them")
     if ref != ref.strip() or any(c.isspace() for c in ref):
-        raise InvalidReference(f"image reference {_shown(ref)} contains white space")
+        raise InvalidReference(f"image reference {short(ref)} contains white space")
     if "://" in ref:
-        raise InvalidReference(f"image reference {_shown(ref)} must not have a scheme; write registry/repository:tag")
+        raise InvalidReference(f"image reference {short(ref)} must not have a scheme; write registry/repository:tag")
     m = _REF.match(ref)
     if not m:
-        tag = ref.rsplit("@", 1)[0].rpartition("/")[2].partition(":")[2]
-        why = (f"its tag is {len(tag)} characters; at most 128" if len(tag) > 128 and _REF.match(ref.replace(tag, "t"))
-               else "expected registry/repository:tag (letters, digits and . _ - in the repository; tag of letters, "
-                    "digits, . _ -)")
-        raise InvalidReference(f"image reference {_shown(ref)} is invalid: {why}")
+        raise InvalidReference(f"image reference {short(ref)} is invalid: expected registry/repository:tag "
+                               "(letters, digits and . _ - in the repository; tag of letters, digits, . _ -)")
+    if m.group("tag") and len(m.group("tag")) > MAX_TAG:
+        raise InvalidReference(f"image reference {short(ref)} is invalid: its tag is {len(m.group('tag'))} "
+                               f"characters; at most {MAX_TAG}")
+    if m.group("port") and not 0 < int(m.group("port")) < 65536:
+        raise InvalidReference(f"image reference {short(ref)}: port {int(m.group('port'))} of registry "
+                               f"{m.group('domain')!r} is not 1-65535")
     domain, path = m.group("domain"), m.group("path")
     if domain and not ("." in domain or ":" in domain or domain == "localhost" or domain.startswith("[")):
         # "user/repo": the first component is a path on Docker Hub, not a registry
         path, domain = f"{domain}/{path}", None
-    port = domain.rpartition("]")[2].rpartition(":")[2] if domain and ":" in domain.rpartition("]")[2] else ""
-    if port and not 0 < int(port) < 65536:
-        raise InvalidReference(f"image reference {_shown(ref)}: port {int(port)} of registry {domain!r} is not 1-65535")
     if domain and any(c.isupper() for c in domain):
         domain = domain.lower()
     if not domain:
@@ -80,8 +78,8 @@ def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
         if "/" not in path:
             path = f"library/{path}"
     if len(path) > 255:
-        raise InvalidReference(f"image reference {_shown(ref)}: repository name longer than 255 characters")
+        raise InvalidReference(f"image reference {short(ref)}: repository name longer than 255 characters")
     tag, digest = m.group("tag"), m.group("digest")
     if require_tag and not tag:
-        raise InvalidReference(f"image reference {_shown(ref)} has no tag; add one, e.g. {ref.split('@')[0]}:0.0.1")
+        raise InvalidReference(f"image reference {short(ref)} has no tag; add one, e.g. {ref.split('@')[0]}:0.0.1")
     return ImageRef(domain, path, tag, digest)
