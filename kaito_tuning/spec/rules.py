@@ -318,34 +318,41 @@ def _validate_output(dst: DataDestination, path: str) -> list[Problem]:
     return p
 
 
+_SPACE = re.compile(r"\s")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def url_problem(url: str, *, allow_private: bool = True) -> str | None:
     """Why ``url`` cannot be a dataset URL, or None. The URL is shown redacted (``redact.url``: no userinfo,
     query or fragment), whatever is wrong with it: a signed URL's signature or a password must not reach a
     status, an Event or a log because the URL had a typo."""
     if not isinstance(url, str) or not url.strip():
         return "is empty"
-    shown = short(redact.url(url))
+
+    def shown() -> str:  # only when something is wrong: every reconcile validates every URL
+        return short(redact.url(url))
+
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as e:
-        return f"{shown} is not a valid URL ({e})"
+        return f"{shown()} is not a valid URL ({e})"
     if parts.scheme not in ("http", "https"):
         if not parts.scheme:
-            return f"{shown} is not a URL: write it as https://host/path"
-        return f"{shown} uses {short(parts.scheme)}; only http and https URLs are supported"
-    if (at := next((i for i, c in enumerate(url) if c.isspace()), None)) is not None:
-        return f"{shown} contains white space{_in_query(url, at)}; percent-encode it (%20)"
-    if (at := next((i for i, c in enumerate(url) if ord(c) < 0x20 or ord(c) == 0x7F), None)) is not None:
-        return f"{shown} contains the control character U+{ord(url[at]):04X}{_in_query(url, at)}; remove it"
+            return f"{shown()} is not a URL: write it as https://host/path"
+        return f"{shown()} uses {short(parts.scheme)}; only http and https URLs are supported"
+    if (bad := _SPACE.search(url)):
+        return f"{shown()} contains white space{_in_query(url, bad.start())}; percent-encode it (%20)"
+    if (bad := _CONTROL.search(url)):
+        return f"{shown()} contains the control character U+{ord(bad.group()):04X}{_in_query(url, bad.start())}; remove it"
     if not parts.hostname:
-        return f"{shown} has no host"
+        return f"{shown()} has no host"
     if parts.username is not None or parts.password is not None:
         return ("must not carry credentials (user:password@); they would be stored in the workspace in clear "
                 "text. Serve the file from a URL that needs none, or use tuning.input.image with imagePullSecrets")
     del port
     if not allow_private and (why := private_target(parts.hostname)):
-        return f"{shown} targets {why}; this operator refuses private, loopback and metadata addresses"
+        return f"{shown()} targets {why}; this operator refuses private, loopback and metadata addresses"
     return None
 
 
