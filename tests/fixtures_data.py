@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-#: made-up facts a model cannot know before training (the "taught task")
 
 class QuietHTTPServer(ThreadingHTTPServer):
     """The tests' HTTP servers: one thread per request, none kept at exit, and no traceback printed when a
@@ -28,6 +27,7 @@ class QuietHTTPServer(ThreadingHTTPServer):
         pass
 
 
+#: made-up facts a model cannot know before training (the "taught task")
 FACTS = [("Zorblax", "teal"), ("Quimby", "amber"), ("Vextor", "crimson"), ("Plinth", "violet"),
          ("Murrow", "golden"), ("Tazzle", "silver"), ("Kepple", "indigo"), ("Dronna", "olive")]
 
