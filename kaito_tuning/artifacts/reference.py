@@ -81,5 +81,7 @@ def parse(ref: str, *, require_tag: bool = False) -> ImageRef:
         raise InvalidReference(f"image reference {short(ref)}: repository name longer than 255 characters")
     tag, digest = m.group("tag"), m.group("digest")
     if require_tag and not tag:
-        raise InvalidReference(f"image reference {short(ref)} has no tag; add one, e.g. {ref.split('@')[0]}:0.0.1")
+        base = ref.split("@")[0]
+        hint = f"e.g. {base}:0.0.1" if len(base) <= 120 else "e.g. :0.0.1 at its end"  # a message stays short
+        raise InvalidReference(f"image reference {short(ref)} has no tag; add one, {hint}")
     return ImageRef(domain, path, tag, digest)

@@ -67,3 +67,9 @@ def test_a_huge_reference_is_shown_cut():
     with pytest.raises(InvalidReference) as e:
         parse("r.io/" + "a/" * 50_000 + ":1")
     assert len(str(e.value)) < 300
+
+
+def test_a_huge_reference_without_a_tag_gets_a_short_hint():
+    with pytest.raises(InvalidReference, match="has no tag; add one, e.g. :0.0.1 at its end") as e:
+        parse("r" + "e" * 5_000 + ".io/b", require_tag=True)  # a long registry name: nothing else limits it
+    assert len(str(e.value)) < 300
